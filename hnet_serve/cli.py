@@ -1,0 +1,113 @@
+"""The ``hnet-serve`` command line.
+
+Each subcommand lives with the code it drives: a module exposes ``register(subparsers)``, which
+adds its parser and sets ``func``. Modules are imported only to build the parser (they import
+their heavy dependencies inside the handler), and the training commands are optional: a serving
+image without ``training/`` simply has no ``train`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from hnet_serve import __version__
+from hnet_serve.errors import HNetError
+
+# (module, required): optional modules may be absent from a serving-only install.
+COMMAND_MODULES: list[tuple[str, bool]] = [
+    ("training.cli", False),  # train, add-task, eval
+    ("export.cli", False),  # export
+    ("hnet_serve.scoring", False),  # score
+    ("hnet_serve.serve_cli", False),  # serve, quickstart
+    ("hnet_serve.cli", True),  # info
+]
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from hnet_serve.checkpoint import checkpoint_files, load_checkpoint
+
+    model = load_checkpoint(args.checkpoint)
+    info = model.info()
+    info["files"] = checkpoint_files(args.checkpoint)
+    info["meta"] = model.meta
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"checkpoint: {args.checkpoint}")
+    t, h = info["target"], info["hypernet"]
+    print(f"target:     {t['kind']} input {t['input_shape']} -> {t['num_classes']} classes, "
+          f"{info['target_params']:,} parameters")
+    print(f"hypernet:   {h['kind']} hidden {h['hidden']}, {info['hypernet_params']:,} parameters "
+          f"(+ {info['embedding_params']:,} in task embeddings)")
+    print(f"compression ratio: {info['compression_ratio']:.4f}")
+    for name, size in info["files"].items():
+        print(f"file:       {name} ({_human_bytes(size)})")
+    print(f"tasks ({len(info['tasks'])}):")
+    for task in info["tasks"]:
+        acc = task["metrics"].get("accuracy")
+        acc_s = f"  accuracy {acc:.4f}" if isinstance(acc, (int, float)) else ""
+        print(f"  {task['name']:<24} input {task['input_shape']}  classes {task['num_classes']}{acc_s}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint: tasks, parameter counts, sizes")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hnet-serve",
+        description="Train, export and serve task-conditioned hypernetworks.",
+    )
+    parser.add_argument("--version", action="version", version=f"hnet-serve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module, required in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if required or not module.startswith(str(exc.name)):
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HNetError as exc:
+        print(f"hnet-serve {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hnet-serve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The exceptions hnet-serve raises for users.
+
+Every error a user can cause is an :class:`HNetError` with a message that names the problem.
+The service maps them to HTTP codes (see ``http_status``), the CLI prints the message and exits
+non-zero. Asserts are never used for user-facing checks: they vanish under ``python -O``.
+"""
+
+from __future__ import annotations
+
+
+class HNetError(Exception):
+    """Base class of every error hnet-serve raises on purpose."""
+
+    http_status = 400
+
+
+class InputError(HNetError, ValueError):
+    """Bad input data or arguments: wrong shape, dtype, NaN/inf, empty, too many rows."""
+
+    http_status = 400
+
+
+class ConfigError(HNetError, ValueError):
+    """An invalid configuration value (names the field and the bad value)."""
+
+    http_status = 400
+
+
+class UnknownTaskError(HNetError, KeyError):
+    """A task name that the registry does not hold."""
+
+    http_status = 404
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        self.name = name
+        self.known = list(known or [])
+        shown = ", ".join(self.known[:10]) + (" ..." if len(self.known) > 10 else "")
+        msg = f"unknown task {name!r}" + (f" (known tasks: {shown})" if self.known else "")
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class TaskExistsError(HNetError, ValueError):
+    """Adding a task whose name is already registered."""
+
+    http_status = 409
+
+
+class CheckpointError(HNetError):
+    """A checkpoint that is missing, malformed, from another format version or corrupted."""
+
+    http_status = 500
+
+
+class ExportError(HNetError):
+    """An export that could not be written or failed verification."""
+
+    http_status = 500
+
+
+class ForgettingError(HNetError):
+    """Adding a task would change old tasks beyond the configured tolerance."""
+
+    http_status = 409

@@ -1,0 +1,120 @@
+"""HNetModel: a target network, its hypernetwork, the task registry and per-task state.
+
+This is what a checkpoint holds and what training, export and serving pass around. It composes
+the parts (no inheritance between hypernetwork and target) and keeps them consistent: adding a
+task appends an embedding row, a registry entry and fresh per-task buffers together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hnet_serve.errors import InputError
+from hnet_serve.hypernet import HypernetConfig, HyperNetwork
+from hnet_serve.registry import TaskInfo, TaskRegistry
+from hnet_serve.targets import MLPConfig, ResNetConfig, TargetNet, build_target
+
+
+class HNetModel:
+    def __init__(
+        self,
+        target_config: MLPConfig | ResNetConfig,
+        hypernet_config: HypernetConfig,
+        *,
+        seed: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.target_config = target_config
+        self.hypernet_config = hypernet_config
+        self.target: TargetNet = build_target(target_config)
+        self.target.eval()
+        self.hypernet = HyperNetwork(hypernet_config, self.target.n_params)
+        self.registry = TaskRegistry()
+        # Per-task state that is not generated: batch-norm running statistics.
+        self.task_buffers: dict[str, dict[str, torch.Tensor]] = {}
+        # Free-form provenance saved with the checkpoint: benchmark, data source, seed, configs.
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # -- tasks ------------------------------------------------------------------------------
+    def add_task(
+        self,
+        name: str,
+        *,
+        num_classes: int | None = None,
+        label_names: list[str] | None = None,
+        embedding: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **fields: Any,
+    ) -> TaskInfo:
+        """Register a task and give it a fresh embedding row and fresh buffers."""
+        num_classes = num_classes or self.target_config.num_classes
+        if num_classes > self.target_config.num_classes:
+            raise InputError(
+                f"task {name!r} has {num_classes} classes but the target outputs "
+                f"{self.target_config.num_classes}"
+            )
+        head = fields.pop("head", 0)
+        if not 0 <= head < self.target_config.num_heads:
+            raise InputError(f"head {head} out of range (target has {self.target_config.num_heads})")
+        info = self.registry.add(
+            name,
+            input_shape=self.target_config.input_shape,
+            num_classes=num_classes,
+            label_names=label_names,
+            head=head,
+            **fields,
+        )
+        try:
+            row = self.hypernet.add_task(embedding, generator=generator)
+        except Exception:
+            # Keep registry and table aligned if the embedding was rejected.
+            self.registry = TaskRegistry(list(self.registry)[:-1])
+            raise
+        if row != info.index:  # pragma: no cover - internal invariant
+            raise RuntimeError("registry and embedding table are out of step")
+        self.task_buffers[name] = self.target.default_buffers()
+        return info
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.registry.names
+
+    # -- generation and prediction ---------------------------------------------------------
+    def generate(self, names: list[str]) -> torch.Tensor:
+        """Flat weights for the named tasks, ``(K, n_params)``, in one batched pass."""
+        ids = [self.registry.index_of(n) for n in names]
+        return self.hypernet.generate(ids)
+
+    @torch.no_grad()
+    def logits(self, name: str, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of task ``name`` on ``x`` (eval mode); ``weights`` reuses generated weights."""
+        info = self.registry.get(name)
+        if weights is None:
+            weights = self.generate([name])[0]
+        out = self.target.apply_weights(weights, x, self.task_buffers.get(name), head=info.head)
+        return out[:, : info.num_classes]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "tasks": [
+                {
+                    "name": t.name,
+                    "input_shape": list(t.input_shape),
+                    "num_classes": t.num_classes,
+                    "label_names": t.label_names,
+                    "created": t.created,
+                    "metrics": t.metrics,
+                }
+                for t in self.registry
+            ],
+            "target": self.target_config.model_dump(mode="json"),
+            "hypernet": self.hypernet_config.model_dump(mode="json"),
+            "target_params": self.target.n_params,
+            "hypernet_params": self.hypernet.n_shared,
+            "embedding_params": self.hypernet.num_tasks * self.hypernet_config.task_emb_dim,
+            "compression_ratio": self.hypernet.compression_ratio(),
+        }

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models built inside the tests (no downloads, a few ms each)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hnet_serve.hypernet import HypernetConfig
+from hnet_serve.model import HNetModel
+from hnet_serve.targets import MLPConfig, ResNetConfig
+
+
+def tiny_mlp_model(
+    n_tasks: int = 3,
+    *,
+    input_size: int = 12,
+    hidden: tuple[int, ...] = (16, 8),
+    num_classes: int = 3,
+    kind: str = "chunked",
+    chunk_size: int = 50,
+    seed: int = 0,
+) -> HNetModel:
+    """A small MLP target with a chunked (truncated last chunk) or full hypernetwork."""
+    model = HNetModel(
+        MLPConfig(input_shape=(input_size,), hidden=list(hidden), num_classes=num_classes),
+        HypernetConfig(kind=kind, hidden=[10, 10], task_emb_dim=6, chunk_emb_dim=4,
+                       chunk_size=chunk_size),
+        seed=seed,
+    )
+    for i in range(n_tasks):
+        model.add_task(f"task-{i}")
+    return model
+
+
+def tiny_resnet_model(n_tasks: int = 2, *, seed: int = 0) -> HNetModel:
+    """ResNet-8 on 3x8x8 images: the same code path as ResNet-32, small enough for tests."""
+    model = HNetModel(
+        ResNetConfig(input_shape=(3, 8, 8), num_classes=4, blocks_per_stage=1, width=4,
+                     input_mean=[0.5, 0.5, 0.5], input_std=[0.25, 0.25, 0.25]),
+        HypernetConfig(kind="chunked", hidden=[8], task_emb_dim=5, chunk_emb_dim=3,
+                       chunk_size=300),
+        seed=seed,
+    )
+    for i in range(n_tasks):
+        model.add_task(f"img-{i}")
+    # Distinct, non-trivial batch-norm statistics per task, as after training.
+    g = torch.Generator().manual_seed(seed + 1)
+    for bufs in model.task_buffers.values():
+        for name, b in bufs.items():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            else:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture
+def mlp_model() -> HNetModel:
+    return tiny_mlp_model()
+
+
+@pytest.fixture
+def resnet_model() -> HNetModel:
+    return tiny_resnet_model()
