@@ -1,0 +1,77 @@
+"""Shared helpers for benchmark scripts: timing and writing sections of docs/benchmarks.md.
+
+Each script owns one section, delimited by ``<!-- BEGIN name -->`` / ``<!-- END name -->``, and
+rewrites only that section, so scripts can run in any order (or concurrently) without clobbering
+each other's tables.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Every table here is written by a script in `benchmarks/` (named in its section); rerun the\n"
+    "script to regenerate it. Ratios compare against a baseline measured in the same run.\n"
+)
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )
+
+
+def timeit(fn: Callable[[], object], *, repeat: int = 10, warmup: int = 2, number: int = 1) -> float:
+    """Median seconds per call of ``fn`` over ``repeat`` rounds (each of ``number`` calls)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
+    return statistics.median(times)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(name: str, body: str, *, doc: Path = DOC) -> None:
+    """Replace (or append) the section ``name`` of docs/benchmarks.md with ``body``."""
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    lock = doc.with_suffix(".lock")
+    with open(lock, "w") as lf:
+        fcntl.flock(lf, fcntl.LOCK_EX)
+        text = doc.read_text() if doc.exists() else HEADER
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            text = head + block.rstrip("\n") + tail
+        else:
+            text = text.rstrip("\n") + "\n\n" + block
+        tmp = doc.with_suffix(".md.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, doc)
