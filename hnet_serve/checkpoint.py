@@ -57,6 +57,8 @@ class Manifest(BaseModel):
     tasks: list[dict[str, Any]]
     buffers: dict[str, list[str]] = Field(default_factory=dict)
     tensors: dict[str, TensorEntry]
+    # The hypernetwork -> target contract: ordered name -> shape of every generated parameter.
+    param_shapes: dict[str, list[int]]
     meta: dict[str, Any] = Field(default_factory=dict)
     content_hash: str = ""
 
@@ -128,6 +130,7 @@ def build_manifest(model: HNetModel, tensors: dict[str, torch.Tensor]) -> dict[s
         "hypernet": model.hypernet_config.model_dump(mode="json"),
         "tasks": model.registry.to_list(),
         "buffers": {t: sorted(b) for t, b in model.task_buffers.items()},
+        "param_shapes": {n: list(s) for n, s in model.target.param_shapes.items()},
         "tensors": {
             k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
             for k, v in sorted(tensors.items())
@@ -146,7 +149,9 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory")
     tensors = state_tensors(model)
-    weights = st_save(tensors, metadata={"format": "hnet-serve", "format_version": str(FORMAT_VERSION)})
+    # One metadata key: safetensors writes a map's keys in no fixed order, and the file's bytes
+    # must be deterministic for the content hash.
+    weights = st_save(tensors, metadata={"format": f"hnet-serve/{FORMAT_VERSION}"})
     manifest = build_manifest(model, tensors)
     manifest["content_hash"] = _content_hash(manifest, weights)
 
@@ -233,6 +238,13 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
     except (HNetError, ValidationError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid configs or task registry ({exc})") from None
     _check_tensors(man, tensors, wpath)
+    built = {n: list(s) for n, s in model.target.param_shapes.items()}
+    if built != man.param_shapes:  # JSON keys are sorted; the order comes from the target
+        diff = [n for n in {**built, **man.param_shapes} if built.get(n) != man.param_shapes.get(n)]
+        raise CheckpointError(
+            f"{path / MANIFEST}: target config does not match the recorded parameter shapes "
+            f"(shape mismatch for {diff[:3]})"
+        )
 
     hn = model.hypernet
     emb_ids = {id(p) for p in hn.task_embs}
