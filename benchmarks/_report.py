@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import hnet_serve  # noqa: F401  (first: sets the allocator knob before any tensor exists)
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
