@@ -1,0 +1,283 @@
+"""Backends: how a cached task turns inputs into logits.
+
+* ``torch``: the cache holds each task's generated flat weights (plus its batch-norm
+  statistics); the target runs them in-process. Mixed-task batches of MLP targets stack the
+  tasks' weights and run one batched matmul per layer (``MLPTarget.forward_stacked``), the
+  S-LoRA/Punica idea with generated weights instead of adapters.
+* ``onnx``: the cache holds one ONNX Runtime ``InferenceSession`` per task, built from the
+  graph ``hnet_serve.onnx_graph.TaskGraph`` traces once, with that task's generated weights as
+  initializers.
+
+Both generate every missing task of a cache load in one batched hypernetwork pass, and both
+return float32 numpy logits already cut to each task's own classes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from hnet_serve.errors import ConfigError
+from hnet_serve.model import HNetModel
+from hnet_serve.registry import TaskInfo
+from hnet_serve.targets import MLPTarget
+
+# Stacking K tasks' MLP weights for one bmm copies K * n_params floats; above this many target
+# parameters a per-task matmul reads the same bytes without the copy and wins (see
+# docs/benchmarks.md, "serving"), so stacking is for the many-small-tasks case.
+STACK_MAX_PARAMS = 400_000
+# A stacked bucket may pad its groups to the largest one; allow at most this much padding.
+STACK_MAX_PADDING = 1.5
+
+
+@dataclass
+class Group:
+    """Rows of one task inside a mixed batch."""
+
+    info: TaskInfo
+    x: np.ndarray  # (B, *input_shape) float32
+
+
+@dataclass
+class TorchEntry:
+    """What the torch backend caches for a task."""
+
+    weights: torch.Tensor  # (n_params,), its own storage
+    buffers: dict[str, torch.Tensor] | None
+    nbytes: int
+
+
+class Backend(Protocol):
+    name: str
+
+    def build(self, names: list[str]) -> list[Any]: ...
+
+    def nbytes(self, entry: Any) -> int: ...
+
+    def logits(self, entries: Sequence[Any], groups: Sequence[Group]) -> list[np.ndarray]: ...
+
+
+# -- generation ---------------------------------------------------------------------------
+@torch.inference_mode()
+def generate_weights(model: HNetModel, names: list[str]) -> list[torch.Tensor]:
+    """Each named task's flat weights from ONE batched hypernetwork call, as separate tensors.
+
+    Rows are cloned so that evicting one task frees its memory (a view would keep the whole
+    ``(K, n_params)`` batch alive).
+    """
+    flat = model.generate(names)  # (K, n_params)
+    return [row.clone() for row in flat]
+
+
+# -- running generated weights ------------------------------------------------------------
+def _stack_buckets(groups: Sequence[Group]) -> list[list[int]]:
+    """Split group indices into buckets to stack: same head, padding bounded.
+
+    Groups are taken largest first; a bucket pads every group to its first (largest) group's
+    row count, and takes the next group only while the padded rows stay within
+    ``STACK_MAX_PADDING`` times the real rows.
+    """
+    order = sorted(range(len(groups)), key=lambda i: -groups[i].x.shape[0])
+    buckets: list[list[int]] = []
+    open_by_head: dict[int, list[int]] = {}
+    for i in order:
+        head, rows = groups[i].info.head, groups[i].x.shape[0]
+        bucket = open_by_head.get(head)
+        if bucket is not None:
+            top = groups[bucket[0]].x.shape[0]
+            real = sum(groups[j].x.shape[0] for j in bucket) + rows
+            if top * (len(bucket) + 1) <= STACK_MAX_PADDING * real:
+                bucket.append(i)
+                continue
+        bucket = [i]
+        buckets.append(bucket)
+        open_by_head[head] = bucket
+    return buckets
+
+
+_CALL_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+_CALL_LOCKS_GUARD = threading.Lock()
+
+
+def _call_lock(target: torch.nn.Module) -> threading.Lock:
+    """A lock per target module: ``functional_call`` swaps the module's tensors while it runs,
+    so two threads must not run the same module at once (``forward_stacked`` needs no lock)."""
+    with _CALL_LOCKS_GUARD:
+        lock = _CALL_LOCKS.get(target)
+        if lock is None:
+            lock = _CALL_LOCKS[target] = threading.Lock()
+        return lock
+
+
+@torch.inference_mode()
+def run_generated(
+    model: HNetModel,
+    weights: Sequence[torch.Tensor],
+    groups: Sequence[Group],
+    buffers: Sequence[dict[str, torch.Tensor] | None] | None = None,
+) -> list[np.ndarray]:
+    """Logits ``(B_g, num_classes_g)`` for each group, group ``g`` run with ``weights[g]``.
+
+    MLP targets with small weights stack the groups' weights into one batched matmul per layer;
+    other targets (or large MLPs) run one functional call per group.
+    """
+    target = model.target
+    out: list[np.ndarray | None] = [None] * len(groups)
+    stack = isinstance(target, MLPTarget) and target.n_params <= STACK_MAX_PARAMS
+    if stack:
+        for bucket in _stack_buckets(groups):
+            if len(bucket) == 1:
+                continue  # a lone group runs on the plain path below
+            top = groups[bucket[0]].x.shape[0]
+            xs = torch.zeros(len(bucket), top, target.config.input_size)  # (K, B, in)
+            for k, i in enumerate(bucket):
+                g = groups[i]
+                xs[k, : g.x.shape[0]] = torch.from_numpy(g.x.reshape(g.x.shape[0], -1))
+            w = torch.stack([weights[i] for i in bucket])  # (K, n_params)
+            y = target.forward_stacked(w, xs, head=groups[bucket[0]].info.head)  # (K, B, C)
+            for k, i in enumerate(bucket):
+                g = groups[i]
+                out[i] = y[k, : g.x.shape[0], : g.info.num_classes].numpy()
+    for i, g in enumerate(groups):
+        if out[i] is not None:
+            continue
+        x = torch.from_numpy(g.x)
+        if isinstance(target, MLPTarget):
+            # One task through the stacked path (K = 1): plain matmuls, no functional_call.
+            xk = x.reshape(1, x.shape[0], -1)  # (1, B, in)
+            y = target.forward_stacked(weights[i].unsqueeze(0), xk, head=g.info.head)[0]
+        else:
+            bufs = buffers[i] if buffers is not None else model.task_buffers.get(g.info.name)
+            with _call_lock(target):
+                y = target.apply_weights(weights[i], x, bufs, head=g.info.head)  # (B, C)
+        out[i] = y[:, : g.info.num_classes].numpy()
+    return out  # type: ignore[return-value]
+
+
+class TorchBackend:
+    """Generated weights cached as tensors; the target runs them in-process."""
+
+    name = "torch"
+
+    def __init__(self, model: HNetModel) -> None:
+        self.model = model
+
+    def build(self, names: list[str]) -> list[TorchEntry]:
+        entries = []
+        for name, w in zip(names, generate_weights(self.model, names)):
+            bufs = self.model.task_buffers.get(name) or None
+            size = w.numel() * w.element_size()
+            if bufs:
+                size += sum(b.numel() * b.element_size() for b in bufs.values())
+            entries.append(TorchEntry(w, bufs, size))
+        return entries
+
+    def nbytes(self, entry: TorchEntry) -> int:
+        return entry.nbytes
+
+    def weights(self, entries: Sequence[TorchEntry]) -> list[torch.Tensor]:
+        return [e.weights for e in entries]
+
+    def logits(self, entries: Sequence[TorchEntry], groups: Sequence[Group]) -> list[np.ndarray]:
+        return run_generated(
+            self.model, [e.weights for e in entries], groups, [e.buffers for e in entries]
+        )
+
+
+# -- ONNX Runtime -------------------------------------------------------------------------
+def default_threads() -> int:
+    """This process's CPU share: the CPUs it may run on (cgroup/affinity aware where possible)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None, *, spinning: bool | None = None):
+    """ORT session options with intra-op threads set explicitly (never ORT's own guess).
+
+    Spinning is turned off by default: many sessions (one per cached task) share the same
+    cores, and spinning worker threads of idle sessions would burn the CPU the busy one needs.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or default_threads())
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
+
+
+@dataclass
+class OnnxEntry:
+    """What the onnx backend caches for a task: its session and the serialized model's size."""
+
+    session: Any  # onnxruntime.InferenceSession
+    nbytes: int
+
+
+class OnnxBackend:
+    """One ONNX Runtime session per cached task, built from the task's generated weights."""
+
+    name = "onnx"
+
+    def __init__(self, model: HNetModel, *, threads: int | None = None) -> None:
+        try:
+            from hnet_serve.onnx_graph import TaskGraph
+        except ImportError as exc:  # pragma: no cover - depends on the export module
+            raise ConfigError(f"backend 'onnx' is not available: {exc}") from None
+        self.model = model
+        self.threads = int(threads or default_threads())
+        self.graph = TaskGraph.build(model)  # traced once
+        self._options = session_options(self.threads)
+
+    def build(self, names: list[str]) -> list[OnnxEntry]:
+        import onnxruntime as ort
+
+        entries = []
+        for name, w in zip(names, generate_weights(self.model, names)):
+            data = self.graph.serialize(name, weights=w)
+            session = ort.InferenceSession(
+                data, sess_options=self._options, providers=["CPUExecutionProvider"]
+            )
+            # The session holds the initializers (about the serialized size) plus its arena.
+            entries.append(OnnxEntry(session, len(data)))
+        return entries
+
+    def nbytes(self, entry: OnnxEntry) -> int:
+        return entry.nbytes
+
+    def logits(self, entries: Sequence[OnnxEntry], groups: Sequence[Group]) -> list[np.ndarray]:
+        out = []
+        for entry, g in zip(entries, groups):
+            (y,) = entry.session.run(["logits"], {"input": g.x})
+            out.append(np.asarray(y[:, : g.info.num_classes], dtype=np.float32))
+        return out
+
+
+def make_backend(name: str, model: HNetModel, *, threads: int | None = None) -> Backend:
+    if name == "torch":
+        return TorchBackend(model)
+    if name == "onnx":
+        return OnnxBackend(model, threads=threads)
+    raise ConfigError(f"backend must be 'torch' or 'onnx', got {name!r}")
+
+
+def nbytes_estimate(model: HNetModel) -> int:
+    """Bytes one cached task takes with the torch backend (weights + buffers, float32)."""
+    bufs = sum(math.prod(s) for s in model.target.buffer_shapes.values())
+    return 4 * (model.target.n_params + bufs)
