@@ -233,27 +233,28 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
         raise CheckpointError(f"{wpath}: cannot read safetensors data ({exc})") from None
 
     try:
-        model = HNetModel(man.target, man.hypernet, meta=man.meta)
         registry = TaskRegistry.from_list(man.tasks)
-    except (HNetError, ValidationError, ValueError) as exc:
+        # Build on the meta device first: the configs are checked against the stored tensors
+        # before anything is allocated, so a crafted manifest cannot request a huge model.
+        with torch.device("meta"):
+            probe = HNetModel(man.target, man.hypernet)
+    except (HNetError, ValidationError, ValueError, RuntimeError, OverflowError) as exc:
         raise CheckpointError(f"{path}: invalid configs or task registry ({exc})") from None
     _check_tensors(man, tensors, wpath)
-    built = {n: list(s) for n, s in model.target.param_shapes.items()}
+    _check_registry(registry, man, path)
+    built = {n: list(s) for n, s in probe.target.param_shapes.items()}
     if built != man.param_shapes:  # JSON keys are sorted; the order comes from the target
         diff = [n for n in {**built, **man.param_shapes} if built.get(n) != man.param_shapes.get(n)]
         raise CheckpointError(
             f"{path / MANIFEST}: target config does not match the recorded parameter shapes "
             f"(shape mismatch for {diff[:3]})"
         )
-
-    hn = model.hypernet
-    emb_ids = {id(p) for p in hn.task_embs}
     expected = {
-        _HNET + n: tuple(p.shape) for n, p in hn.named_parameters() if id(p) not in emb_ids
+        _HNET + n: tuple(p.shape) for n, p in probe.hypernet.named_parameters()
     }
     expected[_EMB] = (len(registry), man.hypernet.task_emb_dim)
     for task in registry.names:
-        for bname, shape in model.target.buffer_shapes.items():
+        for bname, shape in probe.target.buffer_shapes.items():
             expected[f"{_BUF}{task}/{bname}"] = shape
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -269,6 +270,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
                 f"configs require {list(shape)}"
             )
 
+    model = HNetModel(man.target, man.hypernet, meta=man.meta)
+    hn = model.hypernet
+    emb_ids = {id(p) for p in hn.task_embs}
     with torch.no_grad():
         for name, p in hn.named_parameters():
             if id(p) not in emb_ids:
@@ -283,6 +287,21 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
     if map_location != "cpu":
         hn.to(map_location)
     return model
+
+
+def _check_registry(registry: TaskRegistry, man: Manifest, path: Path) -> None:
+    cfg = man.target
+    for t in registry:
+        if tuple(t.input_shape) != tuple(cfg.input_shape):
+            raise CheckpointError(
+                f"{path / MANIFEST}: task {t.name!r} input shape {list(t.input_shape)} differs "
+                f"from the target's {list(cfg.input_shape)}"
+            )
+        if t.num_classes > cfg.num_classes or t.head >= cfg.num_heads:
+            raise CheckpointError(
+                f"{path / MANIFEST}: task {t.name!r} needs {t.num_classes} classes on head "
+                f"{t.head}; the target has {cfg.num_classes} classes x {cfg.num_heads} heads"
+            )
 
 
 def _check_tensors(man: Manifest, tensors: dict[str, torch.Tensor], wpath: Path) -> None:
