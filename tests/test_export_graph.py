@@ -1,0 +1,170 @@
+"""hnet_serve.onnx_graph: one trace, per-task weights swapped in by name, and the dynamic graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from hnet_serve import __version__
+from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
+from hnet_serve.errors import InputError, UnknownTaskError
+from hnet_serve.hypernet import HypernetConfig
+from hnet_serve.model import HNetModel
+from hnet_serve.onnx_graph import (
+    COLUMNS_NAME,
+    INPUT_NAME,
+    META_CHECKPOINT_HASH,
+    META_INPUT_SHAPE,
+    META_LABEL_NAMES,
+    META_NUM_CLASSES,
+    META_TASK,
+    META_TASK_INDEX,
+    META_TASKS,
+    META_VERSION,
+    OUTPUT_NAME,
+    TASK_INDEX_NAME,
+    TaskGraph,
+    dynamic_model_proto,
+    model_state_hash,
+)
+from hnet_serve.targets import MLPConfig
+from tests.conftest import tiny_mlp_model, tiny_resnet_model
+
+TOL = 1e-4
+
+
+def multihead_model() -> HNetModel:
+    """Three heads; tasks with different heads, class counts and label names."""
+    model = HNetModel(
+        MLPConfig(input_shape=(2, 3), hidden=[7], num_classes=4, num_heads=3, activation="tanh"),
+        HypernetConfig(kind="chunked", hidden=[5], task_emb_dim=3, chunk_emb_dim=2, chunk_size=20),
+        seed=1,
+    )
+    model.add_task("four", num_classes=4)
+    model.add_task("two", num_classes=2, head=1, label_names=["cat", "dog"])
+    model.add_task("three", num_classes=3, head=2)
+    return model
+
+
+MODELS = {
+    "mlp": lambda: tiny_mlp_model(4),
+    "resnet": lambda: tiny_resnet_model(3),
+    "multihead": multihead_model,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def built(request):
+    model = MODELS[request.param]()
+    return model, TaskGraph.build(model)
+
+
+def run(data: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run([OUTPUT_NAME], feeds)[0]
+
+
+def test_parity_every_task_batch_1_and_37(built):
+    model, graph = built
+    g = torch.Generator().manual_seed(3)
+    for name in model.task_names:
+        data = graph.serialize(name)
+        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+        for batch in (1, 37):
+            x = torch.rand(batch, *model.target_config.input_shape, generator=g) * 2 - 0.5
+            got = run(data, {INPUT_NAME: x.numpy()})
+            want = model.logits(name, x).numpy()
+            assert got.shape == want.shape == (batch, model.registry.get(name).num_classes)
+            assert np.abs(got - want).max() <= TOL
+
+
+def test_initializers_are_the_task_tensors_by_name(built):
+    """Every target parameter and buffer lands, bit-identical, under its own name."""
+    model, graph = built
+    target = model.target
+    for name in model.task_names:
+        proto = graph.model_proto(name)
+        inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        flat = model.generate([name])[0].detach()
+        expected = {k: v.numpy() for k, v in target.unflatten(flat).items()}
+        expected.update({k: v.numpy() for k, v in model.task_buffers[name].items()})
+        assert set(expected) <= set(inits)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(inits[key], value, err_msg=key)
+        info = model.registry.get(name)
+        start = info.head * model.target_config.num_classes
+        np.testing.assert_array_equal(inits[COLUMNS_NAME], np.arange(start, start + info.num_classes))
+        assert [i.name for i in proto.graph.input] == [INPUT_NAME]
+        assert [o.name for o in proto.graph.output] == [OUTPUT_NAME]
+
+
+def test_dynamic_graph_matches_per_task_graph(built):
+    model, graph = built
+    proto = dynamic_model_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == [TASK_INDEX_NAME, INPUT_NAME]
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.rand(37, *model.target_config.input_shape, generator=torch.Generator().manual_seed(4))
+    for info in model.registry:
+        dyn = sess.run([OUTPUT_NAME], {TASK_INDEX_NAME: np.array(info.index, dtype=np.int64),
+                                       INPUT_NAME: x.numpy()})[0]
+        baked = run(graph.serialize(info.name), {INPUT_NAME: x.numpy()})
+        assert dyn.shape == baked.shape == (37, info.num_classes)
+        assert np.abs(dyn - baked).max() <= TOL
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta[META_TASKS]) == model.task_names
+
+
+def test_weights_argument_is_used_instead_of_generating():
+    model = tiny_mlp_model(2)
+    graph = TaskGraph.build(model)
+    other = torch.randn(model.target.n_params, generator=torch.Generator().manual_seed(5))
+    x = torch.rand(6, 12)
+    got = run(graph.serialize("task-1", weights=other), {INPUT_NAME: x.numpy()})
+    want = model.logits("task-1", x, weights=other).numpy()
+    assert np.abs(got - want).max() <= TOL
+    assert np.abs(got - model.logits("task-1", x).numpy()).max() > 1e-2  # really different
+    with pytest.raises(InputError):
+        graph.serialize("task-1", weights=torch.zeros(model.target.n_params + 1))
+    with pytest.raises(UnknownTaskError):
+        graph.serialize("nope")
+
+
+def test_task_added_after_build_is_served_without_retracing(monkeypatch):
+    model = tiny_mlp_model(1)
+    graph = TaskGraph.build(model, check=False)
+
+    def no_trace(*a, **k):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(torch.export, "export", no_trace)
+    model.add_task("later", num_classes=2, label_names=["no", "yes"])
+    x = torch.rand(3, 12)
+    got = run(graph.serialize("later"), {INPUT_NAME: x.numpy()})
+    assert np.abs(got - model.logits("later", x).numpy()).max() <= TOL
+
+
+def test_metadata_and_checkpoint_hash(tmp_path):
+    model = multihead_model()
+    saved_hash = save_checkpoint(model, tmp_path / "ckpt")
+    assert model_state_hash(model) == saved_hash  # derived hash == what the checkpoint records
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert model_state_hash(loaded) == checkpoint_hash(tmp_path / "ckpt")
+    graph = TaskGraph.build(loaded, checkpoint_hash=checkpoint_hash(tmp_path / "ckpt"))
+    meta = {p.key: p.value for p in graph.model_proto("two").metadata_props}
+    assert meta[META_TASK] == "two"
+    assert meta[META_TASK_INDEX] == "1"
+    assert json.loads(meta[META_LABEL_NAMES]) == ["cat", "dog"]
+    assert json.loads(meta[META_INPUT_SHAPE]) == [2, 3]
+    assert meta[META_NUM_CLASSES] == "2"
+    assert meta[META_CHECKPOINT_HASH] == saved_hash
+    assert meta[META_VERSION] == __version__
+    # Changing the model changes the derived hash.
+    loaded.add_task("extra")
+    assert model_state_hash(loaded) != saved_hash
