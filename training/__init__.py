@@ -1,0 +1,14 @@
+"""Continual training: data, the output regularizer, the trainer, add-task and evaluation.
+
+``training.api`` is the entry point (``train_benchmark``, ``train_tasks``, ``add_task``,
+``evaluate_checkpoint``); see docs/training.md. Importing this package stays light: the
+submodules import torch.
+"""
+
+from __future__ import annotations
+
+# The no-forgetting guarantee of add-task (issue 7): refuse to write the new checkpoint when an
+# old task's generated weights move more than this (relative L2) ...
+DEFAULT_MAX_DRIFT = 0.05
+# ... or its held-out accuracy drops by more than this fraction.
+DEFAULT_MAX_ACCURACY_DROP = 0.02
