@@ -1,0 +1,483 @@
+"""Batch offline scoring: files of rows (or in-memory batches) through the serving runtime.
+
+``hnet-serve score CHECKPOINT --input FILE --output FILE`` and :func:`score_file` stream the input
+in chunks (memory does not grow with the file), score each chunk through
+:class:`hnet_serve.runtime.Runtime` (the service's cache, backends and task inference, so batch
+and online predictions agree), and write ``task`` and ``prediction`` per row, in input order, to a
+temporary file that is renamed into place at the end. :func:`score_batch` scores one numpy array,
+pandas DataFrame or pyarrow table in memory; ``hnet_serve.ray_scoring`` runs the same per-batch
+code on Ray Data.
+
+Which task scores a row: ``task`` (every row), ``task_column`` (per row; an empty value means
+"infer it"), or neither (task inference per row, the paper's HNET+ENT rule). Rows that cannot be
+scored (wrong width, non-numeric or missing values, NaN/inf, unknown task) stop the run with their
+row numbers (``on_error="stop"``, the default) or are skipped and listed in a rejects file
+(``on_error="skip"``, implied by ``rejects=FILE``). See docs/scoring.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hnet_serve.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from hnet_serve.io_formats import Chunk, OutputSchema, Reject
+    from hnet_serve.runtime import Runtime
+
+DEFAULT_BATCH_SIZE = 8192
+_SHOW_REJECTS = 5  # rows named in an error message
+
+
+class ScoringConfig(BaseModel):
+    """How a file or batch is scored (the CLI flags of ``hnet-serve score``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str | None = None
+    task_column: str | None = None
+    backend: Literal["torch", "onnx"] = "torch"
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0, le=10_000_000)
+    probabilities: bool = False
+    on_error: Literal["stop", "skip"] = "stop"
+    rejects: str | None = None
+    row_numbers: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rejects_imply_skip(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("rejects") and values.get("on_error") is None:
+            values = {**values, "on_error": "skip"}
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> ScoringConfig:
+        if self.task is not None and self.task_column is not None:
+            raise ValueError("give either task or task_column, not both")
+        if self.rejects and self.on_error == "stop":
+            raise ValueError("a rejects file needs on_error='skip' (stop never skips a row)")
+        return self
+
+    @classmethod
+    def build(cls, **values: Any) -> ScoringConfig:
+        """Validate ``values``; errors become :class:`ConfigError` naming the field and value."""
+        values = {k: v for k, v in values.items() if v is not None}
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "options"
+            bad = f"={first['input']!r}" if first["loc"] else ""
+            msg = first["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"scoring: {loc}{bad}: {msg}") from None
+
+
+# -- results ------------------------------------------------------------------------------
+@dataclass
+class ScoredBatch:
+    """Scores of the rows of one batch that were scored, in input order, plus the rejects."""
+
+    rows: np.ndarray  # (m,) int64 row numbers of the scored rows
+    task_index: np.ndarray  # (m,) int32 into schema.task_names
+    predictions: np.ndarray  # (m,) int64
+    probabilities: np.ndarray | None  # (m, C) float32, zero-padded; None unless requested
+    rejects: list[Reject]
+    schema: OutputSchema
+
+    @property
+    def tasks(self) -> list[str]:
+        """Per scored row, the task (given or inferred)."""
+        names = self.schema.task_names
+        return [names[i] for i in self.task_index.tolist()]
+
+    def to_arrow(self) -> pa.Table:
+        """``[row], task, prediction, [probabilities]`` as a pyarrow table."""
+        import pyarrow as pa
+
+        from hnet_serve.io_formats import score_columns
+
+        return pa.table(score_columns(
+            self.schema, self.rows, self.task_index, self.predictions, self.probabilities
+        ))
+
+    def to_pandas(self):
+        return self.to_arrow().to_pandas()
+
+
+@dataclass
+class ScoreReport:
+    """What :func:`score_file` did (also the ``--json`` output of ``hnet-serve score``)."""
+
+    input: str
+    output: str
+    rows_read: int = 0
+    rows_scored: int = 0
+    rows_rejected: int = 0
+    rejected_rows: list[int] = field(default_factory=list)  # the first 100
+    rejects_file: str | None = None
+    tasks: dict[str, int] = field(default_factory=dict)  # rows scored per task
+    inferred: bool = False
+    backend: str = "torch"
+    seconds: float = 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_read / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["rows_per_second"] = round(self.rows_per_second, 1)
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+def describe_rejects(rejects: Sequence[Reject], total: int | None = None) -> str:
+    shown = "; ".join(f"row {r.row}: {r.reason}" for r in rejects[:_SHOW_REJECTS])
+    n = len(rejects) if total is None else total
+    more = f" (and {n - _SHOW_REJECTS} more)" if n > _SHOW_REJECTS else ""
+    return shown + more
+
+
+# -- the scorer ---------------------------------------------------------------------------
+class Scorer:
+    """Scores :class:`~hnet_serve.io_formats.Chunk` s through a runtime: the one code path of
+    the CLI, :func:`score_file`, :func:`score_batch` and the Ray Data class."""
+
+    def __init__(self, runtime: Runtime, config: ScoringConfig) -> None:
+        from hnet_serve.io_formats import OutputSchema
+
+        self.runtime = runtime
+        self.config = config
+        registry = runtime.model.registry
+        self.input_shape = tuple(runtime.model.target_config.input_shape)
+        self.width = math.prod(self.input_shape)
+        if config.task is not None:
+            info = runtime.task(config.task)  # UnknownTaskError before any row is read
+            names, classes = [info.name], info.num_classes
+        else:
+            names = registry.names
+            classes = max(t.num_classes for t in registry)
+        self.schema = OutputSchema(
+            task_names=names,
+            num_probabilities=classes if config.probabilities else None,
+            row_numbers=config.row_numbers,
+        )
+        self._index = {n: i for i, n in enumerate(names)}
+        # The runtime caps rows per call (a serving limit): score a chunk in slices under it.
+        self.step = max(1, int(runtime.config.max_rows))
+
+    def _task_problems(self, tasks: list[str | None], bad: dict[int, str]) -> None:
+        registry = self.runtime.model.registry
+        unknown = {t for t in set(tasks) if t is not None and t not in registry}
+        if unknown:
+            for i, t in enumerate(tasks):
+                if t in unknown:
+                    bad.setdefault(i, f"unknown task {t!r}")
+
+    def score_chunk(self, chunk: Chunk) -> ScoredBatch:
+        """Score the good rows of ``chunk``; bad ones raise (``stop``) or become rejects."""
+        from hnet_serve.io_formats import Reject
+
+        bad = dict(chunk.bad)
+        column = self.config.task_column is not None
+        if column:
+            if chunk.tasks is None:  # pragma: no cover - readers always fill it
+                raise InputError("no task column in this batch")
+            self._task_problems(chunk.tasks, bad)
+        rejects = sorted(
+            [*chunk.rejects, *(Reject(int(chunk.rows[i]), why, chunk.raw(i)) for i, why in bad.items())],
+            key=lambda r: r.row,
+        )
+        if rejects and self.config.on_error == "stop":
+            raise InputError(
+                f"{len(rejects)} bad row(s): {describe_rejects(rejects)} (to skip bad rows "
+                "instead: --on-error skip [--rejects FILE], or on_error='skip')"
+            )
+        if bad:
+            keep = np.ones(len(chunk), dtype=bool)
+            keep[list(bad)] = False
+            pos = np.flatnonzero(keep)
+            x = chunk.features[pos]  # (m, d)
+            tasks = [chunk.tasks[i] for i in pos.tolist()] if column else None
+            rows = chunk.rows[pos]
+        else:
+            x, tasks, rows = chunk.features, chunk.tasks if column else None, chunk.rows
+        m = x.shape[0]
+        task_idx = np.empty(m, dtype=np.int32)
+        preds = np.empty(m, dtype=np.int64)
+        probs = (
+            np.zeros((m, self.schema.num_probabilities), dtype=np.float32)
+            if self.schema.num_probabilities is not None else None
+        )
+        for lo in range(0, m, self.step):
+            hi = min(m, lo + self.step)
+            if column:
+                pred = self.runtime.predict_mixed(tasks[lo:hi], x[lo:hi])
+            else:
+                pred = self.runtime.predict(self.config.task, x[lo:hi])
+            if self.config.task is not None:
+                task_idx[lo:hi] = 0
+            else:
+                task_idx[lo:hi] = [self._index[t] for t in pred.tasks]
+            preds[lo:hi] = pred.predictions
+            if probs is not None:
+                probs[lo:hi, : pred.probabilities.shape[1]] = pred.probabilities
+        return ScoredBatch(rows, task_idx, preds, probs, rejects, self.schema)
+
+
+def _runtime(checkpoint: Runtime | str | os.PathLike, config: ScoringConfig) -> Runtime:
+    from hnet_serve.runtime import Runtime
+
+    if isinstance(checkpoint, Runtime):
+        return checkpoint
+    # A batch-sized row limit: the service's max_rows guards requests, not files.
+    return Runtime.from_checkpoint(checkpoint, backend=config.backend, max_rows=config.batch_size)
+
+
+# -- in-memory batches --------------------------------------------------------------------
+def _as_table(batch: Any) -> pa.Table:
+    """A pandas DataFrame, dict of columns (Ray's numpy format) or list of rows -> Arrow."""
+    import pyarrow as pa
+
+    def column(values: Any) -> pa.Array:
+        if isinstance(values, np.ndarray) and values.ndim >= 2 and values.dtype.kind in "fiub":
+            flat = values.reshape(len(values), -1)  # (n, d): a fixed-size list per row
+            return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        try:
+            return pa.array(values, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # Mixed types (e.g. numbers and words in one column): keep them as text, so the
+            # non-numeric cells reject their own rows.
+            return pa.array([None if _missing(v) else str(v) for v in values], pa.string())
+
+    if isinstance(batch, (pa.Table, pa.RecordBatch)):
+        return batch
+    if isinstance(batch, dict):
+        return pa.table({str(k): column(v) for k, v in batch.items()})
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas is optional
+        pd = None
+    if pd is not None and isinstance(batch, pd.DataFrame):
+        return pa.table({str(k): column(batch[k].to_numpy()) for k in batch.columns})
+    if isinstance(batch, (list, tuple, np.ndarray)):
+        try:
+            return pa.table({"input": pa.array([np.asarray(r).reshape(-1) for r in batch])})
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+            raise InputError(f"inputs must be rows of numbers ({exc})") from None
+    raise InputError(
+        f"cannot score a {type(batch).__name__}: pass a numpy array, pandas DataFrame, "
+        "pyarrow Table/RecordBatch, a dict of columns or a list of rows"
+    )
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def batch_chunk(batch: Any, scorer: Scorer, row_offset: int = 0) -> Chunk:
+    """Any supported in-memory batch as a :class:`Chunk` for ``scorer``."""
+    from hnet_serve.io_formats import (
+        Columns,
+        array_chunk,
+        check_array_width,
+        table_chunk,
+    )
+
+    if isinstance(batch, np.ndarray) and batch.dtype.kind in "fiub" and batch.dtype.fields is None:
+        if scorer.config.task_column is not None:
+            raise ConfigError("a plain array has no task column: pass a table or DataFrame")
+        if batch.ndim < 2:
+            raise InputError(f"expected a 2-D array of rows, got shape {list(batch.shape)}")
+        check_array_width(batch.shape, scorer.input_shape, "the array")
+        return array_chunk(batch, row_offset)
+    table = _as_table(batch)
+    columns = Columns.resolve(table.column_names, scorer.width, scorer.config.task_column)
+    return table_chunk(table, columns, scorer.width, row_offset)
+
+
+def score_batch(
+    runtime: Runtime | str | os.PathLike,
+    batch: Any,
+    *,
+    task: str | None = None,
+    task_column: str | None = None,
+    probabilities: bool = False,
+    on_error: Literal["stop", "skip"] = "stop",
+    row_offset: int = 0,
+) -> ScoredBatch:
+    """Score a numpy array ``(N, d)``/``(N, *input_shape)``, a pandas DataFrame, a pyarrow
+    Table/RecordBatch, a dict of columns or a list of rows, in memory.
+
+    Tables take their features from an ``input`` list column or from every column except
+    ``task_column``. Returns the scored rows (``rows`` are positions + ``row_offset``) and, with
+    ``on_error="skip"``, the rejected ones; with ``"stop"`` a bad row raises :class:`InputError`.
+    """
+    config = ScoringConfig.build(
+        task=task, task_column=task_column, probabilities=probabilities, on_error=on_error
+    )
+    scorer = Scorer(_runtime(runtime, config), config)
+    return scorer.score_chunk(batch_chunk(batch, scorer, row_offset))
+
+
+# -- files --------------------------------------------------------------------------------
+def _check_paths(input: Path, output: Path, rejects: Path | None) -> None:
+    from hnet_serve.io_formats import INPUT_SUFFIXES, OUTPUT_SUFFIXES, suffix_of
+
+    suffix_of(input, INPUT_SUFFIXES, "input")
+    suffix_of(output, OUTPUT_SUFFIXES, "output")
+    if not input.is_file():
+        raise InputError(f"input file {str(input)!r} does not exist")
+    same = [(output, "output")] + ([(rejects, "rejects file")] if rejects else [])
+    for path, what in same:
+        if path.exists() and path.resolve() == input.resolve():
+            raise ConfigError(f"the {what} {str(path)!r} is the input file: it would be replaced")
+    if rejects is not None and rejects.absolute() == output.absolute():
+        raise ConfigError("the rejects file and the output must be different files")
+
+
+def score_file(
+    checkpoint: Runtime | str | os.PathLike,
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    progress: bool = True,
+    **options: Any,
+) -> ScoreReport:
+    """Score every row of ``input`` into ``output``; see :class:`ScoringConfig` for ``options``.
+
+    ``checkpoint`` is a checkpoint directory or a ready :class:`Runtime` (then ``backend`` is the
+    runtime's). Memory is bounded by ``batch_size`` (and a Parquet input's row-group size), not
+    by the file. ``output`` (and the rejects file) appear only when the whole input was scored.
+    """
+    from tqdm import tqdm
+
+    from hnet_serve.io_formats import RejectsWriter, count_rows, open_writer, read_chunks
+
+    config = ScoringConfig.build(**options)
+    input, output = Path(input), Path(output)
+    rejects_path = Path(config.rejects) if config.rejects else None
+    _check_paths(input, output, rejects_path)
+    runtime = _runtime(checkpoint, config)
+    scorer = Scorer(runtime, config)
+    report = ScoreReport(str(input), str(output), rejects_file=config.rejects,
+                         backend=runtime.config.backend, inferred=config.task is None)
+    counts: Counter[int] = Counter()
+    t0 = time.perf_counter()
+    chunks = read_chunks(input, scorer.input_shape, batch_size=config.batch_size,
+                         task_column=config.task_column)
+    writers = []
+    try:
+        writer = open_writer(output, scorer.schema)
+        writers.append(writer)
+        rejects_out = RejectsWriter(rejects_path) if rejects_path else None
+        if rejects_out is not None:
+            writers.append(rejects_out)
+        with tqdm(total=count_rows(input), unit="rows", unit_scale=True, file=sys.stderr,
+                  desc="scoring", disable=not progress, dynamic_ncols=True) as bar:
+            for chunk in chunks:
+                scored = scorer.score_chunk(chunk)
+                writer.write(scored.rows, scored.task_index, scored.predictions,
+                             scored.probabilities)
+                if rejects_out is not None:
+                    rejects_out.write(scored.rejects)
+                seen = len(chunk) + len(chunk.rejects)
+                report.rows_read += seen
+                report.rows_scored += len(scored.rows)
+                report.rows_rejected += len(scored.rejects)
+                room = 100 - len(report.rejected_rows)
+                report.rejected_rows += [r.row for r in scored.rejects[:room]]
+                counts.update(_count(scored.task_index))
+                bar.update(seen)
+        # Rejects first: an output never appears without its rejects file.
+        for w in reversed(writers):
+            w.commit()
+    except BaseException:  # Ctrl-C included: leave no partial output behind
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        chunks.close()
+    report.seconds = time.perf_counter() - t0
+    report.tasks = {scorer.schema.task_names[i]: n for i, n in sorted(counts.items())}
+    return report
+
+
+def _count(task_index: np.ndarray) -> dict[int, int]:
+    if task_index.size == 0:
+        return {}
+    bins = np.bincount(task_index)
+    return {int(i): int(bins[i]) for i in np.flatnonzero(bins)}
+
+
+# -- CLI ----------------------------------------------------------------------------------
+def _cmd_score(args: argparse.Namespace) -> int:
+    from hnet_serve.cli import print_json
+
+    report = score_file(
+        args.checkpoint, args.input, args.output,
+        task=args.task, task_column=args.task_column, backend=args.backend,
+        batch_size=args.batch_size, probabilities=args.probabilities, on_error=args.on_error,
+        rejects=args.rejects, row_numbers=args.row_numbers, progress=not args.no_progress,
+    )
+    if args.json:
+        print_json(report.to_json())
+        return 0
+    print(f"scored {report.rows_scored:,} of {report.rows_read:,} rows in {report.seconds:.2f} s "
+          f"({report.rows_per_second:,.0f} rows/s, backend {report.backend}) -> {report.output}")
+    if report.rows_rejected:
+        where = f" -> {report.rejects_file}" if report.rejects_file else ""
+        first = ", ".join(map(str, report.rejected_rows[:10]))
+        print(f"rejected {report.rows_rejected:,} rows (first: {first}){where}")
+    for name, n in report.tasks.items():
+        print(f"  {name:<24} {n:,} rows")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score a file of rows offline (streamed, atomic output)",
+        description=(
+            "Stream INPUT (.npy, .npz, .csv, .parquet) through a checkpoint's tasks and write "
+            "one row per input row (task, prediction) to OUTPUT (.parquet, .csv, .npy). "
+            "Features: a list column named 'input', or every column except the task column. "
+            "Without --task or --task-column the task is inferred per row."
+        ),
+    )
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--input", required=True, help="input file: .npy, .npz, .csv or .parquet")
+    p.add_argument("--output", required=True, help="output file: .parquet, .csv or .npy")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--task", help="score every row with this task")
+    which.add_argument("--task-column", metavar="COL",
+                       help="per-row task names in this column (empty: infer that row's task)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                   help=f"rows per chunk (memory scales with it; default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--probabilities", action="store_true",
+                   help="add a 'probabilities' column (zero-padded to the most classes)")
+    p.add_argument("--on-error", choices=["stop", "skip"], default=None,
+                   help="bad rows (wrong width, non-numeric, NaN/inf, unknown task): stop the "
+                        "run (default) or skip them (default when --rejects is given)")
+    p.add_argument("--rejects", metavar="FILE",
+                   help="write skipped rows here as JSON lines: row number, reason, raw row")
+    p.add_argument("--row-numbers", action="store_true",
+                   help="add a 'row' column (the input row number; useful with skipped rows)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_score)
