@@ -1,0 +1,186 @@
+"""The output regularizer: Gram form == explicit form == direct generation, values and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hnet_serve.errors import ConfigError, InputError
+from tests.conftest import tiny_mlp_model
+from training.regularizer import choose_method, make_snapshot, output_regularizer
+
+OLD = [0, 1, 2]
+
+
+def perturb(hnet, scale: float = 0.05, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hnet.shared_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.abs().mean() + 0.1))
+
+
+def random_delta(hnet, scale: float = 0.02, seed: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g) * scale
+            for n, p in hnet.named_parameters() if not n.startswith("task_embs")}
+
+
+def reference(frozen, hnet, ids, delta=None, embeddings=None) -> torch.Tensor:
+    """mean_t ||f_h(e_t, Θ*) - f_h(e_t', Θ + ΔΘ)||², generated the plain way."""
+    with torch.no_grad():
+        targets = frozen.generate(ids)  # (K, n)
+    if delta:
+        shifted = {n: p + delta[n] if n in delta else p for n, p in hnet.named_parameters()}
+        emb = embeddings if embeddings is not None else frozen.embeddings(ids)
+        out = torch.func.functional_call(hnet, shifted, (emb,))
+    else:
+        out = hnet(embeddings if embeddings is not None else frozen.embeddings(ids))
+    return (out - targets).pow(2).sum(dim=1).mean()
+
+
+def grads(hnet, value: torch.Tensor, extra=()) -> torch.Tensor:
+    params = [*hnet.shared_parameters(), *extra]
+    gs = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                      for g, p in zip(gs, params)])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+CASES = [  # (kind, chunk_size): n_params = 371 for the tiny MLP (12 -> 16 -> 8 -> 3)
+    ("full", 50),
+    ("chunked", 50),  # 8 chunks, last one truncated to 21 rows
+    ("chunked", 53),  # 7 chunks of exactly 53: no truncation
+    ("chunked", 400),  # chunk larger than the target: a single (truncated) chunk
+]
+
+
+@pytest.mark.parametrize("kind,chunk", CASES)
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_gram_equals_explicit_and_direct_generation(kind, chunk, lookahead):
+    model = tiny_mlp_model(4, kind=kind, chunk_size=chunk)
+    hn = model.hypernet
+    frozen = copy.deepcopy(hn)
+    snap = make_snapshot(hn, OLD)
+    perturb(hn)
+    delta = random_delta(hn) if lookahead else None
+
+    ref = reference(frozen, hn, OLD, delta)
+    gram = output_regularizer(hn, snap, delta=delta, method="gram")
+    explicit = output_regularizer(hn, snap, delta=delta, method="explicit")
+    assert ref.item() > 1e-3  # the perturbation is real
+    assert gram.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert explicit.item() == pytest.approx(ref.item(), rel=1e-4)
+
+    g_ref = grads(hn, ref)
+    assert rel_err(grads(hn, gram), g_ref) < 1e-4
+    assert rel_err(grads(hn, explicit), g_ref) < 1e-4
+
+
+@pytest.mark.parametrize("kind,chunk", CASES[:2])
+def test_trained_old_embeddings_get_equal_gradients(kind, chunk):
+    model = tiny_mlp_model(4, kind=kind, chunk_size=chunk)
+    hn = model.hypernet
+    frozen = copy.deepcopy(hn)
+    snap = make_snapshot(hn, OLD)
+    perturb(hn)
+    with torch.no_grad():
+        for i in OLD:
+            hn.task_embs[i].add_(0.1)
+    emb = hn.embeddings(OLD)  # (3, E), attached to the trainable rows
+    old_embs = [hn.task_embs[i] for i in OLD]
+    ref = reference(frozen, hn, OLD, embeddings=emb)
+    for method in ("gram", "explicit"):
+        value = output_regularizer(hn, snap, embeddings=emb, method=method)
+        assert value.item() == pytest.approx(ref.item(), rel=1e-4)
+        assert rel_err(grads(hn, value, old_embs), grads(hn, ref, old_embs)) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["gram", "explicit", "auto"])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_zero_at_the_snapshot(method, lookahead):
+    model = tiny_mlp_model(4)
+    hn = model.hypernet
+    snap = make_snapshot(hn, OLD)
+    delta = {k: torch.zeros_like(v) for k, v in random_delta(hn).items()} if lookahead else None
+    value = output_regularizer(hn, snap, delta=delta, method=method)
+    assert value.item() == 0.0
+    # ... and a new task's embedding row never changes the old tasks' targets
+    model.add_task("new")
+    assert output_regularizer(hn, snap, method=method).item() == 0.0
+
+
+def test_hand_computation_tiny_case():
+    """One task, a full hypernetwork, only the output bias moved by c: reg = n * c²."""
+    model = tiny_mlp_model(2, kind="full")
+    hn = model.hypernet
+    snap = make_snapshot(hn, [0, 1])
+    with torch.no_grad():
+        hn.head.bias.add_(0.5)
+    expected = hn.n_params * 0.25  # every generated weight moved by 0.5, for both tasks
+    for method in ("gram", "explicit"):
+        assert output_regularizer(hn, snap, method=method).item() == pytest.approx(expected, rel=1e-5)
+    # the lookahead adds to the same bias: -0.5 cancels the move exactly
+    delta = {"head.bias": torch.full_like(hn.head.bias, -0.5)}
+    for method in ("gram", "explicit"):
+        assert output_regularizer(hn, snap, delta=delta, method=method).item() == pytest.approx(
+            0.0, abs=1e-6)
+
+
+def test_frozen_old_embeddings_get_no_gradient():
+    model = tiny_mlp_model(4)
+    hn = model.hypernet
+    snap = make_snapshot(hn, OLD)
+    perturb(hn)
+    for method in ("gram", "explicit"):
+        hn.zero_grad(set_to_none=True)
+        output_regularizer(hn, snap, method=method).backward()
+        assert all(hn.task_embs[i].grad is None for i in range(4))
+        assert hn.head.weight.grad is not None and hn.head.weight.grad.abs().sum() > 0
+
+
+def test_subset_of_old_tasks():
+    model = tiny_mlp_model(4)
+    hn = model.hypernet
+    frozen = copy.deepcopy(hn)
+    snap = make_snapshot(hn, OLD)
+    perturb(hn)
+    for method in ("gram", "explicit"):
+        sub = output_regularizer(hn, snap, subset=[2, 0], method=method)
+        assert sub.item() == pytest.approx(reference(frozen, hn, [2, 0]).item(), rel=1e-4)
+    with pytest.raises(InputError, match="empty"):
+        output_regularizer(hn, snap, subset=[])
+
+
+def test_many_tasks_and_chunks_stay_accurate():
+    """A larger case (30 old tasks x 45 chunks) at realistic weight changes."""
+    model = tiny_mlp_model(31, input_size=40, hidden=(40, 30), chunk_size=64)
+    hn = model.hypernet
+    ids = list(range(30))
+    frozen = copy.deepcopy(hn)
+    snap = make_snapshot(hn, ids)
+    perturb(hn, scale=0.01)
+    ref = reference(frozen, hn, ids)
+    gram = output_regularizer(hn, snap, method="gram")
+    assert gram.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert rel_err(grads(hn, gram), grads(hn, ref)) < 1e-4
+
+
+def test_method_choice_and_errors():
+    assert choose_method(pairs=9 * 27, width=26) == "gram"  # the paper's PermutedMNIST task 10
+    assert choose_method(pairs=3, width=26) == "explicit"
+    model = tiny_mlp_model(3)
+    snap = make_snapshot(model.hypernet, [0, 1])
+    with pytest.raises(ConfigError):
+        output_regularizer(model.hypernet, snap, method="fast")  # type: ignore[arg-type]
+    other = tiny_mlp_model(3, chunk_size=40)
+    with pytest.raises(InputError, match="different shape"):
+        output_regularizer(other.hypernet, snap)
+    with pytest.raises(InputError):
+        output_regularizer(model.hypernet, snap, embeddings=torch.zeros(3, 6))
+    with pytest.raises(InputError):
+        make_snapshot(model.hypernet, [])

@@ -1,0 +1,204 @@
+"""The output regularizer of von Oswald et al.: keep every old task's generated weights in place.
+
+For the old tasks t (embeddings e_t) and the hypernetwork f_h(e, Θ) frozen at the start of the
+current task (Θ*), the penalty is
+
+    reg = 1/K Σ_t || f_h(e_t, Θ*) - f_h(e_t, Θ + ΔΘ) ||²          (ΔΘ: optional lookahead)
+
+Every generated chunk is the output layer applied to the last hidden activation, so each
+(task, chunk) pair m contributes ||Ŵ ã_m - W* ã*_m||² with ã = [a; 1] (bias folded in),
+Ŵ = [W | b] the current (or lookahead) output layer and W* the frozen one. With D = Ŵ - W* and
+δ_m = ã_m - ã*_m:
+
+    ||Ŵ ã_m - W* ã*_m||² = δ_mᵀ G* δ_m + 2 δ_mᵀ (W*ᵀ D) ã_m + ã_mᵀ (Dᵀ D) ã_m,   G* = W*ᵀ W*
+
+Only (d+1)x(d+1) matrices touch the big output layer (d = last hidden width), so the *Gram form*
+costs O(chunk_size·d²) + O(pairs·d²) instead of the *explicit form*'s O(pairs·chunk_size·d),
+and no old targets are stored: the snapshot keeps W* and the (K, C, d+1) activations a*.
+Writing the residual as W*δ + Dã (never expanding ||Ŵã||² - 2... + ||W*ã*||²) keeps it free of
+cancellation, and it is exactly zero when Θ equals the snapshot. The truncated last chunk uses
+Gram matrices over its first ``rows_last`` rows only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from hnet_serve.errors import ConfigError, InputError
+from hnet_serve.hypernet import HyperNetwork
+
+RegMethod = Literal["auto", "gram", "explicit"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the regularizer needs of the frozen hypernetwork Θ* and the old tasks."""
+
+    task_ids: tuple[int, ...]  # embedding rows covered, in order
+    embeddings: torch.Tensor  # (K, E) the old tasks' embeddings when frozen
+    features: torch.Tensor  # (K, C, d+1) a*: last hidden activation with a constant-1 column
+    head: torch.Tensor  # (S, d+1) [W* | b*]
+    gram_head: torch.Tensor  # (d+1, d+1) G* over rows [0, rows_last)
+    gram_tail: torch.Tensor  # (d+1, d+1) G* over rows [rows_last, S) (zeros if not truncated)
+    n_params: int
+    rows_last: int  # rows of the output layer used by the last (truncated) chunk
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_ids)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.features.shape[1]
+
+
+def _augment(feats: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (..., d+1): append the constant-1 input that carries the bias."""
+    return torch.cat([feats, feats.new_ones(*feats.shape[:-1], 1)], dim=-1)
+
+
+def _head_matrix(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.cat([weight, bias.unsqueeze(1)], dim=1)  # (S, d+1)
+
+
+@torch.no_grad()
+def make_snapshot(hnet: HyperNetwork, task_ids: list[int]) -> Snapshot:
+    """Freeze what the regularizer needs: old embeddings, their activations a*, W* and G*."""
+    if not task_ids:
+        raise InputError("a regularizer snapshot needs at least one old task")
+    emb = hnet.embeddings(task_ids).detach().clone()  # (K, E)
+    feats = _augment(hnet.features(emb))  # (K, C, d+1)
+    head = _head_matrix(hnet.head.weight, hnet.head.bias).detach().clone()  # (S, d+1)
+    r = hnet.n_params - (hnet.num_chunks - 1) * hnet.chunk_size
+    return Snapshot(
+        task_ids=tuple(int(i) for i in task_ids),
+        embeddings=emb,
+        features=feats.expand(len(task_ids), hnet.num_chunks, -1).clone(),
+        head=head,
+        gram_head=head[:r].T @ head[:r],
+        gram_tail=head[r:].T @ head[r:],
+        n_params=hnet.n_params,
+        rows_last=r,
+    )
+
+
+class _Features(nn.Module):
+    """Adapter so ``functional_call`` can run ``hnet.features`` with shifted parameters."""
+
+    def __init__(self, hnet: HyperNetwork) -> None:
+        super().__init__()
+        self.hnet = hnet
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.hnet.features(emb)
+
+
+def current_outputs(
+    hnet: HyperNetwork, emb: torch.Tensor, delta: dict[str, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``(K, C, d+1)`` and output layer ``(S, d+1)`` at Θ (+ ΔΘ when given).
+
+    ``delta`` maps parameter names of ``hnet`` (as in ``named_parameters``) to changes; names
+    that are missing stay unchanged.
+    """
+    if not delta:
+        return _augment(hnet.features(emb)), _head_matrix(hnet.head.weight, hnet.head.bias)
+    params = {
+        f"hnet.{n}": p + delta[n] for n, p in hnet.named_parameters() if n in delta
+    }
+    feats = functional_call(_Features(hnet), params, (emb,))
+    weight = hnet.head.weight + delta.get("head.weight", 0)
+    bias = hnet.head.bias + delta.get("head.bias", 0)
+    return _augment(feats), _head_matrix(weight, bias)
+
+
+def choose_method(pairs: int, width: int) -> Literal["gram", "explicit"]:
+    """The cheaper form: explicit costs ~2·pairs·S·(d+1), Gram ~2·S·(d+1)² (+ pairs·(d+1)²)."""
+    return "gram" if pairs >= width else "explicit"
+
+
+def _quad_sum(
+    g: torch.Tensor, m: torch.Tensor, n: torch.Tensor, dlt: torch.Tensor, a: torch.Tensor
+) -> torch.Tensor:
+    """Σ_p δ_pᵀ G δ_p + 2 δ_pᵀ M a_p + a_pᵀ N a_p over rows p of ``dlt``/``a`` ``(P, d+1)``."""
+    return ((dlt @ g) * dlt).sum() + 2 * ((dlt @ m) * a).sum() + ((a @ n) * a).sum()
+
+
+def _gram_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    r = snap.rows_last
+    w_star = snap.head  # (S, d+1)
+    d = w - w_star  # (S, d+1)
+    m_head = w_star[:r].T @ d[:r]  # (d+1, d+1) W*ᵀ D over the last chunk's rows
+    n_head = d[:r].T @ d[:r]
+    dlt = a - a_star  # (K, C, d+1)
+    width = a.shape[-1]
+    # The last chunk keeps only its first r rows.
+    total = _quad_sum(snap.gram_head, m_head, n_head,
+                      dlt[:, -1].reshape(-1, width), a[:, -1].reshape(-1, width))
+    if snap.num_chunks > 1:
+        m_full = m_head + w_star[r:].T @ d[r:]
+        n_full = n_head + d[r:].T @ d[r:]
+        g_full = snap.gram_head + snap.gram_tail
+        total = total + _quad_sum(g_full, m_full, n_full,
+                                  dlt[:, :-1].reshape(-1, width), a[:, :-1].reshape(-1, width))
+    return total
+
+
+def _project(a: torch.Tensor, w: torch.Tensor, n_params: int) -> torch.Tensor:
+    """Flat weights from activations ``(K, C, d+1)`` and output layer ``(S, d+1)``: (K, n)."""
+    k = a.shape[0]
+    return (a @ w.T).reshape(k, -1)[:, :n_params]  # (K, C*S) -> (K, n)
+
+
+def _explicit_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        targets = _project(a_star, snap.head, snap.n_params)  # (K, n)
+    return (_project(a, w, snap.n_params) - targets).pow(2).sum()
+
+
+def output_regularizer(
+    hnet: HyperNetwork,
+    snapshot: Snapshot,
+    *,
+    embeddings: torch.Tensor | None = None,
+    delta: dict[str, torch.Tensor] | None = None,
+    subset: torch.Tensor | list[int] | None = None,
+    method: RegMethod = "auto",
+) -> torch.Tensor:
+    """``1/K Σ_t ||f_h(e_t, Θ*) - f_h(e_t', Θ + ΔΘ)||²`` over the snapshot's old tasks.
+
+    ``embeddings`` (K, E): the current old embeddings e_t' when they are trained too (default:
+    the snapshot's frozen ones, which then get no gradient). ``delta``: the lookahead ΔΘ by
+    parameter name (None: the plain output regularizer). ``subset``: positions into the
+    snapshot's tasks to regularize this step (default: all). ``method``: ``gram``,
+    ``explicit`` (the reference) or ``auto`` (the cheaper of the two).
+    """
+    if snapshot.n_params != hnet.n_params or snapshot.head.shape[0] != hnet.chunk_size:
+        raise InputError("the snapshot was taken from a hypernetwork of a different shape")
+    emb = snapshot.embeddings if embeddings is None else embeddings
+    if emb.shape != snapshot.embeddings.shape:
+        raise InputError(
+            f"expected old embeddings {tuple(snapshot.embeddings.shape)}, got {tuple(emb.shape)}"
+        )
+    a_star = snapshot.features
+    if subset is not None:
+        idx = torch.as_tensor(subset, dtype=torch.long)
+        if idx.numel() == 0:
+            raise InputError("the regularized subset of old tasks is empty")
+        emb, a_star = emb[idx], a_star[idx]
+    k = emb.shape[0]
+    a, w = current_outputs(hnet, emb, delta)
+    if method == "auto":
+        method = choose_method(k * snapshot.num_chunks, a.shape[-1])
+    if method == "gram":
+        total = _gram_sum(snapshot, a, a_star, w)
+    elif method == "explicit":
+        total = _explicit_sum(snapshot, a, a_star, w)
+    else:
+        raise ConfigError(f"unknown regularizer method {method!r} (auto, gram or explicit)")
+    return total / k
