@@ -1,0 +1,169 @@
+"""The training configuration: one pydantic model, built from presets, a file and CLI flags.
+
+Precedence, lowest first: the benchmark's preset (:data:`PRESETS`), a YAML/JSON config file,
+explicit keyword overrides (CLI flags). The validated config is saved in the checkpoint's
+``meta["train_config"]``, so ``add-task`` continues with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hnet_serve.errors import ConfigError
+from hnet_serve.hypernet import HypernetConfig
+from hnet_serve.targets import Activation
+
+Benchmark = Literal["permuted-mnist", "split-mnist", "split-cifar", "custom"]
+Dataset = Literal["mnist5k", "fashion-mnist", "idx-dir", "cifar"]
+
+
+class TargetSpec(BaseModel):
+    """The target architecture; input shape, classes and normalization come from the data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["mlp", "resnet"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [100, 100])
+    activation: Activation = "relu"
+    resnet_blocks: int = Field(default=5, gt=0, le=50)
+    resnet_width: int = Field(default=16, gt=0, le=1024)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(h <= 0 for h in v):
+            raise ValueError(f"hidden sizes must be positive, got {v}")
+        return v
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides a training run (saved with the checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A continual-learning method registered in training.trainer (``hnet``; baselines add more).
+    method: str = Field(default="hnet", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    benchmark: Benchmark = "split-mnist"
+    dataset: Dataset = "mnist5k"
+    data_dir: str | None = None
+    data_files: list[str] = Field(default_factory=list)
+    tasks: int | None = Field(default=None, gt=0, le=10_000)
+    pad: bool = False  # pad 28x28 images to 32x32 (the paper's PermutedMNIST)
+    first_identity: bool = True  # first permuted task is plain MNIST
+
+    iterations: int = Field(default=2000, gt=0, le=10_000_000)  # steps per task
+    epochs: float | None = Field(default=None, gt=0, le=10_000)  # overrides iterations
+    batch_size: int = Field(default=128, gt=0, le=65_536)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    beta: float = Field(default=0.01, ge=0)  # regularizer strength
+    lookahead: bool = False  # regularize f_h(e, Θ + ΔΘ), ΔΘ the optimizer's next step
+    reg_method: Literal["auto", "gram", "explicit"] = "auto"
+    reg_tasks: int | None = Field(default=None, gt=0)  # random subset of old tasks per step
+    train_old_embeddings: bool = False  # the paper freezes them
+    multi_head: bool = False  # one output head per task (task-incremental, shared layout)
+    num_heads: int | None = Field(default=None, gt=0, le=10_000)  # default: number of tasks
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    eval_batch_size: int = Field(default=1000, gt=0, le=1_000_000)
+
+    target: TargetSpec = Field(default_factory=TargetSpec)
+    hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
+
+    def steps_for(self, n_train: int) -> int:
+        """Optimizer steps for a task with ``n_train`` examples."""
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * n_train / self.batch_size))
+        return self.iterations
+
+
+# Per-benchmark defaults; a config file and flags override them field by field.
+PRESETS: dict[str, dict[str, Any]] = {
+    "split-mnist": {
+        "iterations": 2000,
+        "target": {"hidden": [400, 400]},
+        "hypernet": {"kind": "chunked", "hidden": [25, 25], "chunk_size": 4000,
+                     "task_emb_dim": 24, "chunk_emb_dim": 8},
+    },
+    "permuted-mnist": {
+        "iterations": 5000,
+        "target": {"hidden": [100, 100]},
+        "hypernet": {"kind": "chunked", "hidden": [100, 100], "chunk_size": 4000,
+                     "task_emb_dim": 24, "chunk_emb_dim": 8},
+    },
+    "split-cifar": {
+        "iterations": 5000,
+        "batch_size": 32,
+        "beta": 0.05,
+        "target": {"kind": "resnet"},
+        "hypernet": {"kind": "chunked", "hidden": [100, 150], "chunk_size": 7000,
+                     "task_emb_dim": 32, "chunk_emb_dim": 32},
+    },
+    "custom": {
+        "iterations": 2000,
+        "target": {"hidden": [100, 100]},
+        "hypernet": {"kind": "chunked", "hidden": [50, 50], "chunk_size": 2000,
+                     "task_emb_dim": 24, "chunk_emb_dim": 8},
+    },
+}
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of TrainConfig fields."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(p)!r} ({exc})") from None
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid {p.suffix or 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings")
+    return data
+
+
+def validate_config(data: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "config"
+        value = first.get("input")
+        raise ConfigError(f"invalid training setting {loc}={value!r}: {first['msg']}") from None
+
+
+def build_config(
+    file: str | Path | None = None, base: dict[str, Any] | None = None, **overrides: Any
+) -> TrainConfig:
+    """Preset for the benchmark < ``base`` (e.g. a checkpoint's saved config) < file < overrides.
+
+    ``None`` overrides are ignored (an unset CLI flag); nested ``target``/``hypernet``
+    overrides are dicts merged into the preset.
+    """
+    file_data = load_config_file(file) if file else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    given = {k: v for k, v in given.items() if not (isinstance(v, dict) and not v)}
+    benchmark = given.get("benchmark") or file_data.get("benchmark") or (base or {}).get(
+        "benchmark", "split-mnist"
+    )
+    preset = PRESETS.get(benchmark, {}) if isinstance(benchmark, str) else {}
+    data = _merge(_merge(_merge(preset, base or {}), file_data), given)
+    return validate_config(data)

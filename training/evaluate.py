@@ -1,0 +1,223 @@
+"""Evaluation: accuracies, the continual-learning metrics, weight drift, and the report plots.
+
+The accuracy matrix ``R[i][j]`` is the accuracy on task j after training task i (``None`` for
+j > i). From it: final mean accuracy (last row), backward transfer
+``BWT = 1/(T-1) Σ_{j<T-1} (R[T-1][j] - R[j][j])`` and forgetting
+``1/(T-1) Σ_{j<T-1} (max_{j<=i<T-1} R[i][j] - R[T-1][j])`` (Lopez-Paz & Ranzato 2017;
+Chaudhry et al. 2018).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hnet_serve.errors import HNetError
+from hnet_serve.model import HNetModel
+from training.data import DataError, TaskData, build_benchmark, file_sha256, load_task_file
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+# -- accuracies -----------------------------------------------------------------------------
+@torch.no_grad()
+def accuracy_of(predict: Predict, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
+    """Fraction of rows of ``x`` whose arg-max logit from ``predict`` equals ``y``."""
+    if len(y) == 0:
+        raise DataError("cannot compute an accuracy on zero examples")
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
+        pred = predict(xb).argmax(dim=1).numpy()  # (B,)
+        correct += int((pred == y[start : start + batch_size]).sum())
+    return correct / len(y)
+
+
+def predictor(model: HNetModel, task_name: str) -> Predict:
+    """Logits function for one task with its weights generated once (eval mode)."""
+    with torch.no_grad():
+        weights = model.generate([task_name])[0]  # (n_params,)
+    return lambda xb: model.logits(task_name, xb, weights=weights)
+
+
+def accuracy(
+    model: HNetModel, task_name: str, x: np.ndarray, y: np.ndarray, batch_size: int = 1000
+) -> float:
+    """Test accuracy of the checkpoint's task ``task_name`` on inputs ``x`` and labels ``y``."""
+    return accuracy_of(predictor(model, task_name), x, y, batch_size)
+
+
+def evaluate_tasks(
+    model: HNetModel, tasks: list[TaskData], batch_size: int = 1000
+) -> dict[str, float]:
+    return {t.name: accuracy(model, t.name, t.x_test, t.y_test, batch_size) for t in tasks}
+
+
+# -- continual-learning metrics -------------------------------------------------------------
+def continual_metrics(matrix: list[list[float | None]]) -> dict[str, float | None]:
+    """Final mean accuracy, BWT and forgetting from an accuracy matrix (fractions)."""
+    t = len(matrix)
+    if t == 0:
+        return {"mean_accuracy": None, "bwt": None, "forgetting": None}
+    last = [v for v in matrix[-1][:t] if v is not None]
+    out: dict[str, float | None] = {"mean_accuracy": float(np.mean(last)) if last else None}
+    if t < 2:
+        out.update(bwt=0.0, forgetting=0.0)
+        return out
+    bwt = [matrix[-1][j] - matrix[j][j] for j in range(t - 1)]
+    forget = [max(matrix[i][j] for i in range(j, t - 1)) - matrix[-1][j] for j in range(t - 1)]
+    out.update(bwt=float(np.mean(bwt)), forgetting=float(np.mean(forget)))
+    return out
+
+
+def weight_drift(before: torch.Tensor, after: torch.Tensor) -> list[float]:
+    """Relative change of generated weights per task: ``||after - before|| / ||before||``."""
+    num = (after - before).norm(dim=1)  # (K,)
+    den = before.norm(dim=1).clamp_min(1e-12)
+    return (num / den).tolist()
+
+
+# -- the recorded test data of a checkpoint -------------------------------------------------
+def _source_key(src: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, v) for k, v in src.items() if k != "index"))
+
+
+def recorded_tasks(
+    model: HNetModel, names: list[str] | None = None
+) -> tuple[dict[str, TaskData], dict[str, str]]:
+    """Rebuild the test data of the model's tasks from ``meta["task_sources"]``.
+
+    Returns ``(tasks by name, reasons by name for tasks whose data is unavailable)``. A task from
+    a file is only used if the file still has the recorded sha256.
+    """
+    sources: dict[str, dict[str, Any]] = model.meta.get("task_sources", {})
+    names = model.task_names if names is None else names
+    found: dict[str, TaskData] = {}
+    missing: dict[str, str] = {}
+    groups: dict[tuple, list[tuple[str, dict[str, Any]]]] = {}
+    for name in names:
+        src = sources.get(name)
+        if not isinstance(src, dict) or "kind" not in src:
+            missing[name] = "no data source recorded"
+        elif src["kind"] == "benchmark":
+            groups.setdefault(_source_key(src), []).append((name, src))
+        elif src["kind"] == "file":
+            path = src.get("path", "")
+            try:
+                if not Path(path).is_file():
+                    missing[name] = f"data file {path} not found"
+                elif file_sha256(path) != src.get("sha256"):
+                    missing[name] = f"data file {path} changed since training"
+                else:
+                    found[name] = load_task_file(
+                        path, name, test_fraction=src.get("test_fraction", 0.2),
+                        seed=src.get("seed", 0),
+                    )
+            except (HNetError, OSError) as exc:
+                missing[name] = str(exc)
+        else:
+            missing[name] = f"unknown data source kind {src['kind']!r}"
+    for members in groups.values():
+        spec = members[0][1]
+        try:
+            built = build_benchmark(
+                spec["benchmark"], spec.get("dataset", "mnist5k"),
+                tasks=max(int(s["index"]) for _, s in members) + 1, seed=int(spec.get("seed", 0)),
+                data_dir=spec.get("data_dir"), pad=bool(spec.get("pad", False)),
+                first_identity=bool(spec.get("first_identity", True)),
+            )
+        except (HNetError, OSError) as exc:
+            for name, _ in members:
+                missing[name] = str(exc)
+            continue
+        for name, src in members:
+            found[name] = built[int(src["index"])]
+    return found, missing
+
+
+def evaluate_model(model: HNetModel, tasks: dict[str, TaskData], batch_size: int = 1000
+                   ) -> dict[str, Any]:
+    """Accuracy per task (checkpoint task order) and their mean."""
+    accs = {
+        name: accuracy(model, name, tasks[name].x_test, tasks[name].y_test, batch_size)
+        for name in model.task_names if name in tasks
+    }
+    mean = float(np.mean(list(accs.values()))) if accs else None
+    return {"mean_accuracy": mean, "accuracy": accs}
+
+
+# -- plots ----------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_matrix(
+    matrix: list[list[float | None]], names: list[str], path: str | os.PathLike, title: str = ""
+) -> None:
+    """PNG heatmap of R[i][j] (rows: after training task i; columns: evaluated on task j)."""
+    plt = _pyplot()
+    t = len(matrix)
+    data = np.full((t, len(names)), np.nan)
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            if v is not None:
+                data[i, j] = 100 * v
+    size = max(4.0, 0.5 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(data, cmap="viridis", vmin=np.nanmin(data) if t else 0, vmax=100)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(t), names[:t], fontsize=8)
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after training task")
+    if len(names) <= 20:
+        for i in range(t):
+            for j in range(len(names)):
+                if not np.isnan(data[i, j]):
+                    ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                            color="white" if data[i, j] < np.nanmean(data) else "black")
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    ax.set_title(title or "accuracy matrix R[i][j]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def embedding_pca(model: HNetModel) -> np.ndarray:
+    """Task embeddings projected onto their first two principal components: (T, 2)."""
+    emb = model.hypernet.embeddings().detach().numpy().astype(np.float64)  # (T, E)
+    centered = emb - emb.mean(axis=0, keepdims=True)
+    if len(emb) < 2:
+        return np.zeros((len(emb), 2))
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    comps = vt[:2]
+    proj = centered @ comps.T
+    if proj.shape[1] < 2:
+        proj = np.pad(proj, ((0, 0), (0, 2 - proj.shape[1])))
+    return proj
+
+
+def plot_embeddings(model: HNetModel, path: str | os.PathLike, title: str = "") -> None:
+    """PNG of the task-embedding space (PCA to 2-D), one labelled point per task."""
+    plt = _pyplot()
+    proj = embedding_pca(model)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.scatter(proj[:, 0], proj[:, 1], c=np.arange(len(proj)), cmap="viridis", s=40)
+    if len(proj) <= 30:
+        for name, (px, py) in zip(model.task_names, proj):
+            ax.annotate(name, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title or "task embeddings (PCA)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
