@@ -230,7 +230,7 @@ def trained(tmp_path_factory, tasks) -> Path:
 def test_add_task_leaves_old_checkpoint_intact(trained, tasks, tmp_path):
     before = files_digest(trained)
     npz = save_npz(tmp_path / "c.npz", tasks[2])
-    model, report = add_task(trained, tmp_path / "v2", name="c", data=npz, iterations=100,
+    _, report = add_task(trained, tmp_path / "v2", name="c", data=npz, iterations=100,
                              progress=False)
     assert files_digest(trained) == before
     new = load_checkpoint(tmp_path / "v2")
