@@ -106,9 +106,8 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _tensor_proto(name: str, array: np.ndarray) -> TensorProto:
-    """A float32/int64 initializer holding ``array`` (one copy, little-endian raw data)."""
-    t = TensorProto()
+def _fill_tensor(t: TensorProto, name: str, array: np.ndarray) -> TensorProto:
+    """Make ``t`` a float32/int64 tensor holding ``array`` (one copy, little-endian raw data)."""
     t.name = name
     if array.dtype == np.float32:
         t.data_type = TensorProto.FLOAT
@@ -121,6 +120,10 @@ def _tensor_proto(name: str, array: np.ndarray) -> TensorProto:
     t.dims.extend(array.shape)
     t.raw_data = data.tobytes()
     return t
+
+
+def _tensor_proto(name: str, array: np.ndarray) -> TensorProto:
+    return _fill_tensor(TensorProto(), name, array)
 
 
 def _set_dims(value: onnx.ValueInfoProto, dims: list[int | str]) -> None:
@@ -334,7 +337,8 @@ class TaskGraph:
         proto.CopyFrom(self.template)
         inits = proto.graph.initializer
         for name in self.initializer_names:
-            inits.append(_tensor_proto(name, columns if name == COLUMNS_NAME else tensors[name]))
+            # Filled in place: appending a ready TensorProto would copy the weights once more.
+            _fill_tensor(inits.add(), name, columns if name == COLUMNS_NAME else tensors[name])
         _set_dims(proto.graph.output[0], [BATCH_DIM, num_classes])
         return proto
 

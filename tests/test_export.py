@@ -245,3 +245,15 @@ def test_int8_reports_accuracy_on_recorded_test_data(tmp_path):
     assert q.change == pytest.approx(q.int8_value - q.float_value)
     assert q.bytes < 0.5 * result.bytes  # int8 weights: about a quarter of float32
     assert Path(q.path) == tmp_path / "pm.int8.onnx" and Path(q.path).is_file()
+
+
+def test_per_file_initializer_check_catches_a_bad_tensor(exported):
+    from export.verify import check_initializers
+
+    _, root, _ = exported
+    proto = onnx.load(str(root / "onnx" / "task-0.onnx"))
+    check_initializers(proto, "ok")
+    weight = next(t for t in proto.graph.initializer if t.name == "layers.0.weight")
+    weight.raw_data = weight.raw_data[:-4]
+    with pytest.raises(ExportError, match="layers.0.weight"):
+        check_initializers(proto, "task 'task-0'")
