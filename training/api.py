@@ -37,8 +37,9 @@ from training.evaluate import (
 from training.trainer import HNetMethod, TrainResult, make_method, run_tasks
 
 
-def _check_out(out: str | os.PathLike, overwrite: bool, protect: str | os.PathLike | None = None
+def check_out_dir(out: str | os.PathLike, overwrite: bool, protect: str | os.PathLike | None = None
                ) -> Path:
+    """The absolute ``out`` path, if writing a checkpoint there loses nothing."""
     path = Path(out).absolute()
     if protect is not None and path.resolve() == Path(protect).resolve():
         raise InputError(f"--out {str(out)!r} is the source checkpoint; write the new version elsewhere")
@@ -69,7 +70,7 @@ def train_tasks(
     interrupted run leaves the last completed task's checkpoint. Only the ``hnet`` method
     produces a checkpoint; other methods return their own model object.
     """
-    out_path = _check_out(out, overwrite) if out is not None else None
+    out_path = check_out_dir(out, overwrite) if out is not None else None
     method = make_method(config, tasks)
     model = getattr(method, "model", None)
     if isinstance(model, HNetModel):
@@ -204,7 +205,7 @@ def add_task(
     """
     if max_drift < 0 or max_accuracy_drop < 0:
         raise InputError("--max-drift and --max-accuracy-drop must be >= 0")
-    out_path = _check_out(out, overwrite, protect=checkpoint)
+    out_path = check_out_dir(out, overwrite, protect=checkpoint)
     parent_hash = checkpoint_hash(checkpoint)
     model = load_checkpoint(checkpoint)
     config = build_config(config_file, base=model.meta.get("train_config") or {}, **overrides)

