@@ -123,7 +123,7 @@ def test_add_task_refusal_prints_figures_and_writes_nothing(capsys, custom_ckpt,
 def test_add_task_bad_input_is_a_clean_error(capsys, custom_ckpt, npz_files, tmp_path, argv,
                                              message):
     argv = [str(npz_files["c"]) if a == "C" else a for a in argv]
-    code, out, err = run(capsys, "add-task", custom_ckpt, "--out", tmp_path / "x", *argv,
+    code, _, err = run(capsys, "add-task", custom_ckpt, "--out", tmp_path / "x", *argv,
                          "--iterations", "1", "--no-progress")
     assert code == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
