@@ -272,6 +272,13 @@ class Runtime:
         """The task's registry entry; :class:`UnknownTaskError` naming it if there is none."""
         return self.model.registry.get(name)
 
+    def output_classes(self, task: str | None) -> int:
+        """Columns of ``probabilities`` for a request: the task's classes, or with task
+        inference the most classes of any task (every task is a candidate)."""
+        if task is not None:
+            return self.task(task).num_classes
+        return max(t.num_classes for t in self.model.registry)
+
     # -- inputs ------------------------------------------------------------------------------
     def validate_inputs(self, inputs: Any, task: str | None = None) -> np.ndarray:
         """Rows as float32 ``(N, *input_shape)``; :class:`InputError` says what is wrong.
@@ -377,7 +384,7 @@ class Runtime:
         entries = self.cache.get_many(names)  # missing ones generated in one batched call
         logits = self.backend.logits([entries[t] for t in names], [Group(i, x) for i in infos])
         choice = select_by_entropy(logits, self.config.temperature)
-        c_max = max(i.num_classes for i in infos)
+        c_max = self.output_classes(None)
         probs = np.zeros((x.shape[0], c_max), dtype=np.float32)
         for t, z in enumerate(logits):
             rows = np.flatnonzero(choice.task_index == t)

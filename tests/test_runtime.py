@@ -353,3 +353,25 @@ def test_from_checkpoint_round_trip(tmp_path):
     x = np.ones((2, 12), np.float32)
     np.testing.assert_allclose(rt.predict("task-2", x).probabilities,
                                reference_probs(model, "task-2", x), atol=1e-6)
+
+
+# -- backends agree ----------------------------------------------------------------------------
+@pytest.mark.parametrize("factory", [tiny_mlp_model, tiny_resnet_model])
+def test_torch_and_onnx_backends_agree(factory):
+    model = factory(3)
+    torch_rt = Runtime(model)
+    onnx_rt = Runtime(model, ServingConfig(backend="onnx", intra_op_threads=1))
+    assert onnx_rt.backend.name == "onnx" and onnx_rt.backend.threads == 1
+    shape = model.target_config.input_shape
+    x = np.random.default_rng(4).uniform(0, 1, (6, *shape)).astype(np.float32)
+    for name in model.task_names:
+        a, b = torch_rt.predict(name, x), onnx_rt.predict(name, x)
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+        np.testing.assert_array_equal(a.predictions, b.predictions)
+    tasks = [model.task_names[i % 3] for i in range(5)] + [None]
+    a, b = torch_rt.predict_mixed(tasks, x), onnx_rt.predict_mixed(tasks, x)
+    assert a.tasks == b.tasks
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    # The onnx cache holds sessions built from generated weights, one load per miss batch.
+    s = onnx_rt.cache.stats()
+    assert s["entries"] == 3 and s["generated"] == 3 and s["bytes"] > 4 * model.target.n_params

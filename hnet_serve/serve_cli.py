@@ -1,0 +1,101 @@
+"""``hnet-serve serve``: import a checkpoint into the BentoML model store and serve it.
+
+The checkpoint is validated and stored as ``hnet:<content hash prefix>`` (``hnet_serve.store``),
+then ``bentoml serve hnet_serve.service:HNetService`` runs in a child process with
+``HNET_MODEL_TAG`` and the serving options in its environment, until it stops or is
+interrupted (Ctrl-C / SIGTERM are passed on and the child is waited for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+SERVICE = "hnet_serve.service:HNetService"
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be an integer, got {value!r}") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {port}")
+    return port
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP (BentoML): POST /predict, GET /tasks",
+        description="Import CHECKPOINT into the BentoML model store and run the hnet-serve "
+        "BentoML service until stopped. Other settings (pinned/warm tasks, max rows, ...) come "
+        "from HNET_* environment variables or --config; see docs/serving.md.",
+    )
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--port", type=_port, default=3000, help="port (default 3000)")
+    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
+                   help="torch (in-process generated weights) or onnx (an ORT session per task)")
+    p.add_argument("--cache-bytes", default=None,
+                   help="weight cache budget, bytes or with a unit: 536870912, 512MiB, 2GB")
+    p.add_argument("--config", default=None, help="YAML/JSON serving config file (HNET_CONFIG)")
+    p.add_argument("--json", action="store_true",
+                   help="print the imported model tag and URL as JSON before serving")
+    p.set_defaults(func=_cmd_serve)
+
+
+def serve_env(args: argparse.Namespace, tag: str) -> dict[str, str]:
+    """The child's environment: the model tag and the options given on the command line."""
+    from hnet_serve.runtime import ServingConfig
+
+    env = dict(os.environ)
+    env.pop("HNET_CHECKPOINT", None)  # serve what was imported, not a stray directory
+    env["HNET_MODEL_TAG"] = tag
+    if args.config:
+        env["HNET_CONFIG"] = os.path.abspath(args.config)
+    if args.backend:
+        env["HNET_BACKEND"] = args.backend
+    if args.cache_bytes is not None:
+        env["HNET_CACHE_BYTES"] = str(args.cache_bytes)
+    # Fail here, with a clear message, rather than in the server's log.
+    ServingConfig.from_env(env)
+    return env
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from hnet_serve.cli import print_json
+    from hnet_serve.store import import_checkpoint
+
+    tag = import_checkpoint(args.checkpoint)
+    env = serve_env(args, tag)
+    url = f"http://{args.host}:{args.port}"
+    if args.json:
+        print_json({"model_tag": tag, "url": url})
+    else:
+        print(f"hnet-serve: checkpoint stored as {tag}; serving on {url} (Ctrl-C to stop)",
+              file=sys.stderr)
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE,
+           "--host", args.host, "--port", str(args.port)]
+    sys.stdout.flush()
+    proc = subprocess.Popen(cmd, env=env)
+
+    def _forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, _forward)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
