@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
 
     # A continual-learning method registered in training.trainer (``hnet``; baselines add more).
     method: str = Field(default="hnet", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    # Settings of the chosen method beyond the shared ones (validated by the method itself,
+    # e.g. the baselines' ``ewc_lambda``); the hnet method has none.
+    method_options: dict[str, Any] = Field(default_factory=dict)
     benchmark: Benchmark = "split-mnist"
     dataset: Dataset = "mnist5k"
     data_dir: str | None = None

@@ -291,6 +291,10 @@ class HNetMethod(ContinualMethod):
     name = "hnet"
 
     def __init__(self, model: HNetModel, config: TrainConfig) -> None:
+        if config.method_options:
+            raise ConfigError(
+                f"the hnet method takes no method_options, got {sorted(config.method_options)}"
+            )
         self.model = model
         self.config = config
         self.snapshot: Snapshot | None = None
