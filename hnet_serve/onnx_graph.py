@@ -268,7 +268,7 @@ class TaskGraph:
     def __init__(self, model: HNetModel, template: onnx.ModelProto, initializer_names: list[str],
                  *, opset: int, checkpoint_hash: str) -> None:
         self.model = model
-        self.template = template  # the graph without weights (a few KB)
+        self.template = template  # the graph without its weights (a few KB; not a model alone)
         self.initializer_names = initializer_names  # target names the graph reads, graph order
         self.opset = opset
         self.checkpoint_hash = checkpoint_hash
