@@ -167,8 +167,24 @@ def _files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in d.iterdir()}
 
 
-def test_failed_verification_writes_nothing_and_keeps_the_old_file(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def traced():
+    """A model and its graph, for tests about what happens after the trace."""
     model = tiny_mlp_model(2)
+    return model, TaskGraph.build(model)
+
+
+@pytest.fixture
+def no_retrace(traced, monkeypatch):
+    """Exports of ``traced``'s model reuse its graph instead of tracing again."""
+    model, graph = traced
+    monkeypatch.setattr(TaskGraph, "build", classmethod(lambda cls, m, **kw: graph))
+    return model
+
+
+def test_failed_verification_writes_nothing_and_keeps_the_old_file(tmp_path, monkeypatch,
+                                                                   no_retrace):
+    model = no_retrace
     out = tmp_path / "out"
     out.mkdir()
     (out / "task-1.onnx").write_bytes(b"previous export")
@@ -184,8 +200,8 @@ def test_failed_verification_writes_nothing_and_keeps_the_old_file(tmp_path, mon
     assert _files(out) == {"task-1.onnx": b"previous export"}
 
 
-def test_failed_write_leaves_no_half_written_file(tmp_path, monkeypatch):
-    model = tiny_mlp_model(2)
+def test_failed_write_leaves_no_half_written_file(tmp_path, monkeypatch, no_retrace):
+    model = no_retrace
     out = tmp_path / "out"
     out.mkdir()
     (out / "task-0.onnx").write_bytes(b"previous export")
