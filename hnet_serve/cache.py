@@ -56,6 +56,12 @@ class WeightCache(Generic[V]):
 
     # -- lookups -----------------------------------------------------------------------------
     def get(self, key: str) -> V:
+        with self._lock:  # the hit path, without get_many's bookkeeping
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self._counts["hits"] += 1
+                return entry[0]
         return self.get_many([key])[key]
 
     def get_many(self, keys: Iterable[str]) -> dict[str, V]:

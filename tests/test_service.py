@@ -213,9 +213,11 @@ def test_serve_env_passes_options_and_checks_them(monkeypatch):
     from hnet_serve.serve_cli import serve_env
 
     monkeypatch.setenv("HNET_CHECKPOINT", "/somewhere/else")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     env = serve_env(serve_args(["ckpt", "--backend", "onnx", "--cache-bytes", "1GiB"]), "hnet:abc")
     assert env["HNET_MODEL_TAG"] == "hnet:abc" and env["HNET_BACKEND"] == "onnx"
     assert env["HNET_CACHE_BYTES"] == "1GiB" and "HNET_CHECKPOINT" not in env
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
     with pytest.raises(ConfigError, match="cache_bytes"):
         serve_env(serve_args(["ckpt", "--cache-bytes", "huge"]), "hnet:abc")
 

@@ -1,0 +1,445 @@
+"""Serving benchmarks (issue 5): runtime latency, cold misses, mixed-task batches, HTTP throughput.
+
+    .venv/bin/python -m benchmarks.bench_serving [--quick] [--skip-http]
+
+Every figure is a ratio against a baseline measured in the same run, on the same machine:
+
+1. In-process latency of a cached task, batch 1 and 64: ``Runtime.predict`` (onnx backend) vs a
+   bare ONNX Runtime session running the same exported per-task model with the same session
+   options (goal: <= 1.2x). Timings are interleaved round by round (A, B, A, B, ...) and the
+   ratio is the median of the per-round ratios, so load from other processes hits both alike.
+2. Cold miss: generate and cache one task of the MLP 1000-1000 target (torch and onnx backends),
+   next to a cached call.
+3. 1024 rows over 32 tasks vs 1024 rows of one task, throughput ratio (goal >= 0.7x), for the
+   per-task path and the stacked batched-matmul path on a large and a small MLP.
+4. HTTP: 32 concurrent clients over 10 tasks against ``hnet-serve serve`` vs a minimal BentoML
+   service serving one static ONNX model of the same target (``StaticOnnxService`` below), both
+   through ``bentoml serve`` on 127.0.0.1 (goal >= 0.8x throughput, zero errors; p50/p99).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+
+SECTION = "serving"
+INPUT = 784
+CLASSES = 10
+BIG = [1000, 1000]  # the "MLP 1000-1000" target
+SMALL = [100, 100]
+
+
+# -- the HTTP baseline: a minimal BentoML service around one static ONNX model ----------------
+@bentoml.service(name="static-onnx", workers=1, traffic={"timeout": 300})
+class StaticOnnxService:
+    """One ONNX Runtime session, no routing, no cache: the floor for the HTTP benchmark."""
+
+    def __init__(self) -> None:
+        import onnxruntime as ort
+
+        from hnet_serve.backends import session_options
+
+        threads = int(os.environ.get("BENCH_THREADS", "1"))
+        self.session = ort.InferenceSession(
+            os.environ["BENCH_ONNX"], sess_options=session_options(threads),
+            providers=["CPUExecutionProvider"],
+        )
+
+    @bentoml.api(route="/predict")
+    def predict(self, inputs: list[list[float]], task: str | None = None) -> dict[str, Any]:
+        from hnet_serve.runtime import softmax
+
+        x = np.asarray(inputs, dtype=np.float32)
+        (logits,) = self.session.run(["logits"], {"input": x})
+        p = softmax(logits)
+        return {"task": task, "predictions": p.argmax(1).tolist(), "probabilities": p.tolist()}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def build_model(hidden: list[int], n_tasks: int, seed: int = 0):
+    from hnet_serve.hypernet import HypernetConfig
+    from hnet_serve.model import HNetModel
+    from hnet_serve.targets import MLPConfig
+
+    model = HNetModel(
+        MLPConfig(input_shape=(INPUT,), hidden=hidden, num_classes=CLASSES),
+        HypernetConfig(kind="chunked", hidden=[25, 25], chunk_size=50_000),
+        seed=seed,
+    )
+    for i in range(n_tasks):
+        model.add_task(f"t{i}")
+    return model
+
+
+def paired(fa: Callable[[], object], fb: Callable[[], object], *, rounds: int, number: int
+           ) -> tuple[float, float, float]:
+    """Interleaved timing: (median s/call of a, of b, median of per-round b/a ratios)."""
+    for _ in range(2):
+        fa()
+        fb()
+    ta, tb, ratios = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fa()
+        t1 = time.perf_counter()
+        for _ in range(number):
+            fb()
+        t2 = time.perf_counter()
+        a, b = (t1 - t0) / number, (t2 - t1) / number
+        ta.append(a)
+        tb.append(b)
+        ratios.append(b / a)
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+# -- 1. in-process latency ------------------------------------------------------------------
+def bench_latency(model, threads: int, quick: bool) -> str:
+    import onnxruntime as ort
+
+    from benchmarks._report import table
+    from hnet_serve.backends import session_options
+    from hnet_serve.runtime import Runtime, ServingConfig
+
+    rt = Runtime(model, ServingConfig(backend="onnx", intra_op_threads=threads))
+    torch_rt = Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads))
+    task = "t0"
+    data = rt.backend.graph.serialize(task, weights=model.generate([task])[0])
+    bare = ort.InferenceSession(data, sess_options=session_options(threads),
+                                providers=["CPUExecutionProvider"])
+    rows = []
+    for batch in (1, 64):
+        x = np.random.default_rng(batch).uniform(0, 1, (batch, INPUT)).astype(np.float32)
+        rt.predict(task, x)  # cached from here on
+        torch_rt.predict(task, x)
+        number = (20 if batch == 1 else 3) if not quick else 5
+        rounds = 5 if quick else 25
+        def run_bare(x: np.ndarray = x) -> object:
+            return bare.run(["logits"], {"input": x})
+
+        t_bare, t_rt, ratio = paired(run_bare, lambda x=x: rt.predict(task, x),
+                                     rounds=rounds, number=number)
+        _, t_torch, ratio_torch = paired(run_bare, lambda x=x: torch_rt.predict(task, x),
+                                         rounds=rounds, number=number)
+        ok = "yes" if ratio <= 1.2 else "NO"
+        rows.append([batch, ms(t_bare), ms(t_rt), f"{ratio:.3f}", ok, ms(t_torch),
+                     f"{ratio_torch:.3f}"])
+        print(f"latency batch {batch}: bare {ms(t_bare)} ms, runtime(onnx) {ms(t_rt)} ms "
+              f"({ratio:.3f}x), runtime(torch) {ms(t_torch)} ms ({ratio_torch:.3f}x)")
+    return (
+        f"**In-process latency, cached task** (MLP {INPUT}-{'-'.join(map(str, BIG))}-{CLASSES}, "
+        f"{model.target.n_params:,} target parameters; ORT intra-op threads = {threads} for "
+        "every session; median over interleaved rounds). Goal: runtime <= 1.2x the bare ORT "
+        "session on the same exported per-task model.\n\n"
+        + table(["batch", "bare ORT (ms)", "runtime onnx (ms)", "ratio", "<= 1.2x",
+                 "runtime torch (ms)", "torch ratio"], rows)
+    )
+
+
+# -- 2. cold miss -----------------------------------------------------------------------------
+def bench_cold_miss(model, threads: int, quick: bool) -> str:
+    from benchmarks._report import table
+    from hnet_serve.runtime import Runtime, ServingConfig
+
+    x = np.zeros((1, INPUT), np.float32)
+    rows = []
+    reps = 3 if quick else 7
+    for backend in ("torch", "onnx"):
+        rt = Runtime(model, ServingConfig(backend=backend, intra_op_threads=threads))
+        rt.predict("t1", x)  # build lazily-initialised state outside the timing
+        cold, warm = [], []
+        for i in range(reps):
+            task = f"t{2 + i % 8}"
+            rt.cache.invalidate(task)
+            t0 = time.perf_counter()
+            rt.predict(task, x)
+            t1 = time.perf_counter()
+            rt.predict(task, x)
+            t2 = time.perf_counter()
+            cold.append(t1 - t0)
+            warm.append(t2 - t1)
+        names = [f"t{i}" for i in range(model.hypernet.num_tasks)]
+        rt.cache.invalidate()
+        t0 = time.perf_counter()
+        rt.cache.warm(names)  # every task in one batched generation
+        t_all = time.perf_counter() - t0
+        c, w = statistics.median(cold), statistics.median(warm)
+        rows.append([backend, ms(c), ms(w), f"{c / w:.0f}x", ms(t_all / len(names)),
+                     f"{rt.cache.stats()['bytes'] / len(names) / 2**20:.1f}"])
+        print(f"cold miss {backend}: {ms(c)} ms (cached call {ms(w)} ms)")
+    return (
+        f"**Cold miss** (generate + cache one task of the MLP 1000-1000 target, "
+        f"{model.target.n_params:,} parameters, then predict 1 row), median of {reps}; "
+        f"'per task, batched' is the cost per task when all {model.hypernet.num_tasks} tasks "
+        "are generated in one batched call (warm-up).\n\n"
+        + table(["backend", "cold miss (ms)", "cached call (ms)", "cold / cached",
+                 "per task, batched (ms)", "MiB cached per task"], rows)
+    )
+
+
+# -- 3. mixed-task batches -----------------------------------------------------------------------
+def bench_mixed(threads: int, quick: bool) -> str:
+    import torch
+
+    from benchmarks._report import table
+    from hnet_serve import backends
+    from hnet_serve.runtime import Runtime, ServingConfig
+
+    torch.set_num_threads(threads)
+    n_tasks, rows_total = 32, 1024
+    rows = []
+    cases = [(BIG, "torch", "auto"), (BIG, "torch", "stacked"), (BIG, "onnx", "per task"),
+             (SMALL, "torch", "auto"), (SMALL, "torch", "per task")]
+    models: dict[str, Any] = {}
+    default_max = backends.STACK_MAX_PARAMS
+    for hidden, backend, path in cases:
+        key = "-".join(map(str, hidden))
+        model = models.setdefault(key, build_model(hidden, n_tasks))
+        rt = Runtime(model, ServingConfig(backend=backend, intra_op_threads=threads,
+                                          cache_bytes=2 * 2**30))
+        names = [f"t{i}" for i in range(n_tasks)]
+        rt.cache.warm(names)
+        x = np.random.default_rng(0).uniform(0, 1, (rows_total, INPUT)).astype(np.float32)
+        tasks = [names[i % n_tasks] for i in range(rows_total)]
+        if path == "stacked":
+            backends.STACK_MAX_PARAMS = 10**12
+        elif path == "per task":
+            backends.STACK_MAX_PARAMS = 0
+        else:
+            backends.STACK_MAX_PARAMS = default_max
+        stacked = model.target.n_params <= backends.STACK_MAX_PARAMS and backend == "torch"
+        try:
+            t_one, t_mixed, ratio = paired(lambda rt=rt, x=x: rt.predict("t0", x),
+                                           lambda rt=rt, x=x, t=tasks: rt.predict_mixed(t, x),
+                                           rounds=3 if quick else 9, number=1)
+        finally:
+            backends.STACK_MAX_PARAMS = default_max
+        inv = 1 / ratio  # throughput ratio = time(one task) / time(mixed)
+        label = f"{path} ({'stacked bmm' if stacked else 'one matmul chain per task'})"
+        rows.append([f"{INPUT}-{key}-{CLASSES}", f"{model.target.n_params:,}", backend, label,
+                     f"{rows_total / t_one:,.0f}", f"{rows_total / t_mixed:,.0f}", f"{inv:.2f}",
+                     "yes" if inv >= 0.7 else "NO"])
+        print(f"mixed {key} {backend} {path}: one task {rows_total / t_one:,.0f} rows/s, "
+              f"32 tasks {rows_total / t_mixed:,.0f} rows/s ({inv:.2f}x)")
+    return (
+        f"**{rows_total} rows over {n_tasks} tasks vs {rows_total} rows of one task** (all tasks "
+        f"cached; threads = {threads}). Goal: >= 0.7x the single-task throughput. 'auto' is the "
+        f"runtime's choice (stack when the target has <= {default_max:,} parameters).\n\n"
+        + table(["target", "params", "backend", "path", "1 task (rows/s)", "32 tasks (rows/s)",
+                 "ratio", ">= 0.7x"], rows)
+    )
+
+
+# -- 4. HTTP ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
+    """Run a ``bentoml serve`` child on 127.0.0.1, wait for /readyz, yield its URL, stop it."""
+    import httpx
+
+    port = int(cmd[cmd.index("--port") + 1])
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after 240 s; see {log}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+async def load(url: str, bodies: list[bytes], clients: int, seconds: float, warmup: float
+               ) -> dict[str, Any]:
+    """``clients`` concurrent loops posting ``bodies`` round robin for ``warmup + seconds``;
+    returns the latencies of the requests started after the warm-up, errors and statuses."""
+    import aiohttp
+
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop = measure_from + seconds
+    headers = {"content-type": "application/json"}
+
+    async def client(i: int, session: aiohttp.ClientSession) -> None:
+        k = i
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop:
+                return
+            body = bodies[k % len(bodies)]
+            k += clients
+            try:
+                async with session.post(url + "/predict", data=body, headers=headers) as r:
+                    await r.read()
+                    status = r.status
+            except aiohttp.ClientError:
+                status = -1
+            t1 = time.perf_counter()
+            if t0 >= measure_from:
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 200:
+                    lat.append(t1 - t0)
+
+    conn = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        await asyncio.gather(*(client(i, session) for i in range(clients)))
+    return {"latencies": lat, "statuses": statuses, "seconds": seconds,
+            "errors": sum(n for s, n in statuses.items() if s != 200)}
+
+
+def summarize(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    lat = sorted(t for s in slices for t in s["latencies"])
+    n = len(lat)
+    seconds = sum(s["seconds"] for s in slices)
+    return {
+        "requests": n,
+        "errors": sum(s["errors"] for s in slices),
+        "throughput": n / seconds,
+        "p50": lat[n // 2] if n else float("nan"),
+        "p99": lat[min(n - 1, int(n * 0.99))] if n else float("nan"),
+    }
+
+
+def bench_http(model, threads: int, seconds: float, clients: int, n_tasks: int) -> str:
+    """All servers run side by side (idle ones sleep: ORT spinning off, OMP passive); the load
+    goes to one at a time, in interleaved slices, so background load hits each alike."""
+    from benchmarks._report import table
+    from hnet_serve.checkpoint import save_checkpoint
+    from hnet_serve.onnx_graph import TaskGraph
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    ckpt = tmp / "ckpt"
+    save_checkpoint(model, ckpt)
+    onnx_path = tmp / "t0.onnx"
+    onnx_path.write_bytes(TaskGraph.build(model).serialize("t0"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HNET_", "PROMETHEUS_"))}
+    env.update({"BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+                "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_WAIT_POLICY": "PASSIVE"})
+    g = random.Random(0)
+    names = [f"t{i}" for i in range(n_tasks)]
+    bodies = [
+        json.dumps({"task": names[i % n_tasks],
+                    "inputs": [[round(g.random(), 4) for _ in range(INPUT)]]}).encode()
+        for i in range(4 * n_tasks)
+    ]
+    py = sys.executable
+    variants = [
+        ("minimal BentoML + static ONNX (baseline)",
+         [py, "-m", "bentoml", "serve", "benchmarks.bench_serving:StaticOnnxService"],
+         {"BENCH_ONNX": str(onnx_path), "BENCH_THREADS": str(threads)}),
+        ("hnet-serve serve, onnx backend",
+         [py, "-m", "hnet_serve.cli", "serve", str(ckpt), "--backend", "onnx"],
+         {"HNET_INTRA_OP_THREADS": str(threads), "HNET_WARM": ",".join(names)}),
+        ("hnet-serve serve, torch backend",
+         [py, "-m", "hnet_serve.cli", "serve", str(ckpt), "--backend", "torch"],
+         {"HNET_INTRA_OP_THREADS": str(threads), "HNET_WARM": ",".join(names)}),
+    ]
+    rounds = 3
+    slices: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in variants}
+    with contextlib.ExitStack() as stack:
+        urls = []
+        for n, (label, cmd, extra) in enumerate(variants):
+            port = free_port()
+            urls.append((label, stack.enter_context(
+                server([*cmd, "--port", str(port)], {**env, **extra}, tmp / f"server{n}.log"))))
+        for _ in range(rounds):
+            for label, url in urls:
+                res = asyncio.run(load(url, bodies, clients, seconds / rounds, warmup=2.0))
+                slices[label].append(res)
+                print(f"http {label}: {len(res['latencies']) / res['seconds']:.1f} req/s, "
+                      f"statuses {res['statuses']}", flush=True)
+    base_label = variants[0][0]
+    rows = []
+    for label, _, _ in variants:
+        res = summarize(slices[label])
+        ratio = statistics.median(
+            len(a["latencies"]) / max(1, len(b["latencies"]))
+            for a, b in zip(slices[label], slices[base_label])
+        )
+        rows.append([label, f"{res['throughput']:.1f}", f"{ratio:.2f}", res["errors"],
+                     ms(res["p50"]), ms(res["p99"])])
+    return (
+        f"**HTTP** ({clients} concurrent clients, 1 row per request, spread over {n_tasks} tasks "
+        f"(the baseline ignores the task), {seconds:.0f} s per server in {rounds} interleaved "
+        f"slices after a 2 s warm-up each; all servers through `bentoml serve` on 127.0.0.1, "
+        f"ORT/torch threads = {threads}; the load generator (aiohttp) shares the cores). "
+        "'vs baseline' is the median over slices of the throughput ratio. Goal: hnet-serve "
+        ">= 0.8x the baseline with zero errors.\n\n"
+        + table(["server", "requests/s", "vs baseline", "errors", "p50 (ms)", "p99 (ms)"], rows)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks._report import machine, write_section
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short smoke run (smaller numbers)")
+    p.add_argument("--skip-http", action="store_true", help="in-process benchmarks only")
+    p.add_argument("--threads", type=int, default=1,
+                   help="ORT/torch intra-op threads for every session and server (default 1)")
+    p.add_argument("--seconds", type=float, default=None, help="HTTP duration (default 30)")
+    args = p.parse_args(argv)
+    seconds = args.seconds or (5.0 if args.quick else 30.0)
+
+    big = build_model(BIG, 10)
+    parts = [bench_latency(big, args.threads, args.quick),
+             bench_cold_miss(big, args.threads, args.quick),
+             bench_mixed(args.threads, args.quick)]
+    if not args.skip_http:
+        parts.append(bench_http(big, args.threads, seconds, clients=32, n_tasks=10))
+    header = (
+        "## Serving (`benchmarks/bench_serving.py`)\n\n"
+        f"Machine: {machine()}. Command: `python -m benchmarks.bench_serving"
+        f"{' --quick' if args.quick else ''}{' --skip-http' if args.skip_http else ''}`.\n"
+    )
+    write_section(SECTION, header + "\n" + "\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
