@@ -69,6 +69,7 @@ def compare(run_onnx: Callable[[np.ndarray], np.ndarray],
     batches = list(inputs) + ([real] if real is not None and len(real) else [])
     worst = 0.0
     for x in batches:
+        x = np.require(x, np.float32, ["C", "W"])  # recorded data may be a read-only view
         got = run_onnx(x)
         with torch.no_grad():
             want = run_torch(torch.from_numpy(x)).numpy()
