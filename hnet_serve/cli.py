@@ -20,9 +20,10 @@ from hnet_serve.errors import HNetError
 # (module, required): optional modules may be absent from a serving-only install.
 COMMAND_MODULES: list[tuple[str, bool]] = [
     ("training.cli", False),  # train, add-task, eval
+    ("training.quickstart", False),  # quickstart
     ("export.cli", False),  # export
     ("hnet_serve.scoring", False),  # score
-    ("hnet_serve.serve_cli", False),  # serve, quickstart
+    ("hnet_serve.serve_cli", False),  # serve
     ("hnet_serve.cli", True),  # info
 ]
 

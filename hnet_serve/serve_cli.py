@@ -94,7 +94,9 @@ def start_server(
     env = serve_env(opts, tag)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     sys.stdout.flush()
-    return Server(subprocess.Popen(cmd, env=env), f"http://{host}:{port}", tag)
+    # The server's log goes to stderr: stdout is kept for results (``--json``).
+    proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr.fileno())
+    return Server(proc, f"http://{host}:{port}", tag)
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
