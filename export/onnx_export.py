@@ -30,7 +30,7 @@ from export.verify import REAL_ROWS, TOLERANCE, Parity, session, verify_dynamic,
 from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint
 from hnet_serve.errors import ConfigError, ExportError, HNetError
 from hnet_serve.model import HNetModel
-from hnet_serve.onnx_graph import TaskGraph, dynamic_model_proto
+from hnet_serve.onnx_graph import TaskGraph, dynamic_model_proto, opset_of
 from hnet_serve.registry import validate_task_name
 
 Source = str | os.PathLike | HNetModel
@@ -351,10 +351,9 @@ def to_dynamic_onnx(source: Source, path: str | os.PathLike, *, opset: int | Non
         real = {name: xy[0][:REAL_ROWS // 4] for name, xy in data.items()}
         parity = verify_dynamic(blob, proto, model, real, tolerance)
     atomic_write(target, blob)
-    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     note = "; ".join(sorted(set(notes.values()))) if notes else ""
     return ExportResult(
         task=None, path=str(target), bytes=len(blob), seconds=time.perf_counter() - t0,
-        opset=opset_used, verified=verify, max_abs_diff=parity.max_abs_diff if verify else None,
+        opset=opset_of(proto), verified=verify, max_abs_diff=parity.max_abs_diff if verify else None,
         rows_checked=parity.rows, real_rows=parity.real_rows, data_note=note,
     )

@@ -204,7 +204,21 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes: Any, input_names: li
         ) from exc
     if onnx_program is None:  # pragma: no cover - only for dynamo=False
         raise ExportError("torch.onnx.export returned no program")
-    return onnx_program.model_proto
+    proto = onnx_program.model_proto
+    got = opset_of(proto)
+    if opset is not None and got != opset:
+        # The exporter works in opset 18+ and converts down with the ONNX version converter;
+        # when an operator has no adapter it keeps 18 with only a warning. Refuse instead.
+        raise ExportError(
+            f"cannot export opset {opset}: the exporter produced opset {got} (opsets 18 and "
+            "up work; lower ones only where ONNX can convert every operator of this model)"
+        )
+    return proto
+
+
+def opset_of(proto: onnx.ModelProto) -> int:
+    """The model's default-domain (``ai.onnx``) opset version."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _inputs_to_initializers(proto: onnx.ModelProto, keep: list[str],
@@ -304,8 +318,7 @@ class TaskGraph:
             raise ExportError("traced graph does not read the head columns")
         _strip(proto)
         _set_dims(proto.graph.input[0], [BATCH_DIM, *cfg.input_shape])
-        opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-        graph = cls(model, proto, used, opset=opset_used,
+        graph = cls(model, proto, used, opset=opset_of(proto),
                     checkpoint_hash=checkpoint_hash or model_state_hash(model))
         if check:
             graph._check_mapping(twin, example, x)

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from hnet_serve import __version__
 from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
-from hnet_serve.errors import InputError, UnknownTaskError
+from hnet_serve.errors import ExportError, InputError, UnknownTaskError
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
 from hnet_serve.onnx_graph import (
@@ -32,6 +32,7 @@ from hnet_serve.onnx_graph import (
     TaskGraph,
     dynamic_model_proto,
     model_state_hash,
+    opset_of,
 )
 from hnet_serve.targets import MLPConfig
 from tests.conftest import tiny_mlp_model, tiny_resnet_model
@@ -164,3 +165,11 @@ def test_metadata_and_checkpoint_hash(tmp_path):
     # Changing the model changes the derived hash.
     loaded.add_task("extra")
     assert model_state_hash(loaded) != saved_hash
+
+
+def test_an_opset_the_exporter_cannot_produce_is_refused():
+    """torch.onnx keeps opset 18 (with a warning) when it cannot convert down; we refuse."""
+    model = tiny_mlp_model(1)
+    with pytest.raises(ExportError, match="cannot export opset 13"):
+        TaskGraph.build(model, opset=13, check=False)
+    assert opset_of(TaskGraph.build(model, opset=17, check=False).model_proto("task-0")) == 17
