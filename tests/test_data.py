@@ -282,6 +282,8 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     files["not-a-zip"].write_bytes(b"PK\x03\x04garbage")
     files["csv-text"] = tmp_path / "bad.csv"
     files["csv-text"].write_text("1,2,0\n3,four,1\n")
+    files["csv-header-mismatch"] = tmp_path / "header.csv"
+    files["csv-header-mismatch"].write_text("a,b,label\n1,0\n2,1\n")
     files["csv-ragged"] = tmp_path / "ragged.csv"
     files["csv-ragged"].write_text("1,2,0\n3,1\n")
     files["unknown-suffix"] = tmp_path / "data.txt"
@@ -292,7 +294,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
 BAD_FILES = [
     "missing-keys", "nan", "float-labels", "negative-labels", "huge-label", "too-many-classes", "length-mismatch",
     "shape-mismatch", "empty", "strings", "object-array", "npy-lying-header", "npy-truncated",
-    "not-a-zip", "csv-text", "csv-ragged", "unknown-suffix",
+    "not-a-zip", "csv-text", "csv-ragged", "csv-header-mismatch", "unknown-suffix",
 ]
 
 

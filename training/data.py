@@ -41,6 +41,7 @@ FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 MAX_ARRAY_BYTES = 4 << 30
 CIFAR_IMAGE_BYTES = 3 * 32 * 32
 MAX_CLASSES = 100_000  # as the target configs allow
+MAX_CSV_BYTES = 256 << 20  # parsed into Python lists first: keep it bounded
 FASHION_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -460,7 +461,9 @@ def _check_npy_header(fp: BinaryIO, available: int, what: str) -> None:
             shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
         else:  # pragma: no cover - numpy rejects other versions in read_magic
             raise DataError(f"{what}: unsupported .npy version {version}")
-    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many types
         raise DataError(f"{what}: not a valid .npy array ({exc})") from None
     if dtype.hasobject:
         raise DataError(f"{what}: object arrays are not allowed (they need pickle)")
@@ -476,7 +479,7 @@ def _load_npy_bytes(data: bytes, what: str) -> np.ndarray:
     _check_npy_header(io.BytesIO(data), len(data), what)
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parse failure is bad data
         raise DataError(f"{what}: cannot read array ({exc})") from None
 
 
@@ -495,7 +498,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 if len(data) != info.file_size:
                     raise DataError(f"{path}: member {key!r} size does not match the archive")
                 out[key] = _load_npy_bytes(data, f"{path}[{key}]")
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many types on hostile archives
         raise DataError(f"{path}: not a valid .npz archive ({exc})") from None
     return out
 
@@ -503,8 +508,13 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A CSV of numbers, one row per example; the label is the column named ``label``
     (when there is a header) or the last column."""
+    if path.stat().st_size > MAX_CSV_BYTES:
+        raise DataError(
+            f"{path}: CSV larger than {MAX_CSV_BYTES >> 20} MiB; convert it to .npy or .npz"
+        )
     rows: list[list[float]] = []
     label_col = -1
+    width: int | None = None  # columns of the header or the first row
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
@@ -517,11 +527,13 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
                     if i == 0:
                         header = [h.strip().lower() for h in row]
                         label_col = header.index("label") if "label" in header else -1
+                        width = len(header)
                         continue
                     raise DataError(f"{path}: line {i + 1} holds a non-numeric value") from None
-                if rows and len(values) != len(rows[0]):
+                width = len(values) if width is None else width
+                if len(values) != width:
                     raise DataError(
-                        f"{path}: line {i + 1} has {len(values)} columns, expected {len(rows[0])}"
+                        f"{path}: line {i + 1} has {len(values)} columns, expected {width}"
                     )
                 rows.append(values)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
