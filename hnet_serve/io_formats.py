@@ -20,6 +20,7 @@ import contextlib
 import csv
 import json
 import math
+import mmap
 import os
 import uuid
 import zipfile
@@ -57,8 +58,10 @@ class Reject:
 class Chunk:
     """Consecutive input rows, ready to score.
 
-    ``features`` rows listed in ``bad`` hold placeholders and must not be scored. The arrays may
-    be reused by the reader for the next chunk: consume a chunk before asking for the next one.
+    ``features`` rows listed in ``bad`` hold placeholders and must not be scored. NaN/inf are
+    not looked for here: the runtime refuses them anyway, so the scorer finds the rows only when
+    it does (:func:`mark_nonfinite`), and a clean chunk is not read one extra time. The arrays
+    may be reused by the reader for the next chunk: consume a chunk before asking for the next.
     """
 
     rows: np.ndarray  # (n,) int64 input row numbers, ascending
@@ -127,13 +130,10 @@ def array_chunk(values: np.ndarray, start: int, tasks: list[str | None] | None =
     """A chunk from numeric rows ``values`` (n, ...) that start at input row ``start``."""
     n = values.shape[0]
     feats = np.ascontiguousarray(values.reshape(n, -1), dtype=np.float32)  # (n, d)
-    bad: dict[int, str] = {}
-    mark_nonfinite(feats, bad)
     return Chunk(
         rows=np.arange(start, start + n, dtype=np.int64),
         features=feats,
         tasks=tasks,
-        bad=bad,
         raw=lambda i: values[i].reshape(-1),
     )
 
@@ -278,7 +278,6 @@ def table_chunk(
         feats = np.empty((n, width), dtype=np.float32)  # (n, d)
         for j, name in enumerate(columns.features):
             feats[:, j] = _column_values(_unwrap(table.column(name)), name, bad)
-    mark_nonfinite(feats, bad)
     rows = (
         np.arange(start, start + n, dtype=np.int64)
         if isinstance(start, (int, np.integer))
@@ -335,14 +334,20 @@ class _NpyStream:
         return view
 
 
+def _check_rows_array(shape: tuple[int, ...], dtype: np.dtype, what: str,
+                      input_shape: tuple[int, ...]) -> None:
+    if len(shape) < 2:
+        raise InputError(f"{what} has shape {list(shape)}: expected a 2-D array of rows")
+    check_numeric_dtype(dtype, what)
+    check_array_width(shape, input_shape, what)
+
+
 def _npy_chunks(
     stream: _NpyStream, what: str, input_shape: tuple[int, ...], batch_size: int,
     tasks: _NpyStream | None = None,
 ) -> Iterator[Chunk]:
-    if len(stream.shape) < 2:
-        raise InputError(f"{what} has shape {list(stream.shape)}: expected a 2-D array of rows")
-    check_numeric_dtype(stream.dtype, what)
-    check_array_width(stream.shape, input_shape, what)
+    """Chunks read from a stream (``.npz`` members), with per-row tasks from a second one."""
+    _check_rows_array(stream.shape, stream.dtype, what, input_shape)
     if tasks is not None and (tasks.dtype.kind not in "US" or tasks.shape != (stream.n,)):
         raise InputError(
             f"{what}: the task array must be 1-D strings with one entry per row, got "
@@ -361,21 +366,41 @@ def _npy_chunks(
 
 
 def _read_npy(path: Path, input_shape: tuple[int, ...], batch_size: int, task_column: str | None):
+    """Chunks as views of the memory-mapped file, unmapped once consumed.
+
+    No copy for float32 data (the model reads the page cache directly), and RSS stays about
+    one chunk: after each chunk, ``MADV_DONTNEED`` drops its pages from this process (they stay
+    in the page cache). The mapping is private (copy-on-write) so the arrays are writable
+    without ever writing to the file.
+    """
     if task_column is not None:
         raise ConfigError("a .npy input holds features only: use .npz, .csv or .parquet for a task column")
     with open(path, "rb") as f:
         stream = _NpyStream(f, str(path))
-        if stream.fortran:
-            # Rows are not contiguous on disk: map the file and copy a chunk at a time.
-            arr = np.load(path, mmap_mode="r")
-            if arr.ndim < 2:
-                raise InputError(f"{path} has shape {list(arr.shape)}: expected a 2-D array of rows")
-            check_numeric_dtype(arr.dtype, str(path))
-            check_array_width(arr.shape, input_shape, str(path))
-            for start in range(0, arr.shape[0], batch_size):
-                yield array_chunk(np.array(arr[start : start + batch_size]), start)
-            return
-        yield from _npy_chunks(stream, str(path), input_shape, batch_size)
+        _check_rows_array(stream.shape, stream.dtype, str(path), input_shape)
+        offset = f.tell()
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    arr = None
+    try:
+        try:
+            arr = np.frombuffer(mm, dtype=stream.dtype, count=math.prod(stream.shape), offset=offset)
+        except ValueError:
+            raise InputError(f"{path}: array file truncated (header says {list(stream.shape)})") from None
+        arr = arr.reshape(stream.shape, order="F" if stream.fortran else "C")
+        dropped = 0
+        for start in range(0, stream.n, batch_size):
+            yield array_chunk(arr[start : start + batch_size], start)
+            # Back here, the consumer is done with the chunk. Fortran-ordered rows are spread
+            # over the whole file: drop everything each time.
+            end = len(mm) if stream.fortran else offset + min(stream.n, start + batch_size) * stream.row_bytes
+            end -= end % mmap.PAGESIZE
+            if end > dropped and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED, dropped, end - dropped)
+                dropped = 0 if stream.fortran else end
+    finally:
+        del arr
+        with contextlib.suppress(BufferError):  # a chunk still referenced: closed when freed
+            mm.close()
 
 
 def _npz_members(zf: zipfile.ZipFile, path: Path, task_column: str | None) -> tuple[str, str | None]:

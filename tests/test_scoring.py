@@ -21,7 +21,7 @@ from hnet_serve.errors import ConfigError, InputError, UnknownTaskError
 from hnet_serve.io_formats import npy_output_dtype
 from hnet_serve.runtime import Runtime
 from hnet_serve.scoring import Scorer, ScoringConfig, score_batch, score_file
-from tests.conftest import tiny_mlp_model
+from tests.conftest import tiny_mlp_model, tiny_resnet_model
 
 WIDTH = 12
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +133,42 @@ def test_npy_output_layout_is_documented_structured_array(tmp_path, rt, x):
     np.testing.assert_array_equal(arr["row"], np.arange(len(x)))
     scorer = Scorer(rt, ScoringConfig.build(row_numbers=True, probabilities=True))
     assert arr.dtype == npy_output_dtype(scorer.schema)
+
+
+def test_npy_fortran_order_and_other_dtypes(tmp_path, rt, x):
+    ref = rt.predict("task-0", x).predictions
+    for name, arr in {
+        "f.npy": np.asfortranarray(x),  # rows not contiguous on disk
+        "d.npy": x.astype(">f8"),  # big-endian float64
+        "i.npy": np.rint(x).astype(np.int16),
+    }.items():
+        np.save(tmp_path / name, arr)
+        score_file(rt, tmp_path / name, tmp_path / "o.npy", task="task-0", batch_size=64,
+                   progress=False)
+        expected = rt.predict("task-0", np.rint(x)).predictions if name == "i.npy" else ref
+        np.testing.assert_array_equal(np.load(tmp_path / "o.npy")["prediction"], expected,
+                                      err_msg=name)
+
+
+def test_image_rows_flat_or_shaped_score_alike_on_a_conv_target(tmp_path):
+    rt = Runtime(tiny_resnet_model(2))
+    imgs = np.random.default_rng(3).random((40, 3, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "shaped.npy", imgs)  # (N, *input_shape)
+    write_input(tmp_path / "flat.parquet", imgs.reshape(40, -1), layout="list")
+    for name in ("shaped.npy", "flat.parquet"):
+        score_file(rt, tmp_path / name, tmp_path / "o.npy", task="img-1", batch_size=16,
+                   progress=False)
+        np.testing.assert_array_equal(np.load(tmp_path / "o.npy")["prediction"],
+                                      rt.predict("img-1", imgs).predictions, err_msg=name)
+
+
+def test_truncated_npy_is_an_input_error(tmp_path, rt, x):
+    np.save(tmp_path / "x.npy", x)
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "x.npy").write_bytes(data[: len(data) - 100])
+    with pytest.raises(InputError, match="truncated"):
+        score_file(rt, tmp_path / "x.npy", tmp_path / "o.npy", task="task-0", progress=False)
+    assert not (tmp_path / "o.npy").exists() and no_leftovers(tmp_path) == []
 
 
 def test_empty_input_gives_empty_output_with_columns(tmp_path, rt):
@@ -431,7 +467,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     from hnet_serve.runtime import Runtime
     from hnet_serve.scoring import score_file
-    from tests.conftest import tiny_mlp_model
+    from tests.conftest import tiny_mlp_model, tiny_resnet_model
 
     def peak_of(path):
         # Peak RSS of this run alone: writing 5 to clear_refs resets VmHWM (Linux >= 4.0).
