@@ -30,10 +30,11 @@ from hnet_serve.model import HNetModel
 from hnet_serve.registry import TaskInfo
 from hnet_serve.targets import MLPTarget
 
-# Stacking K tasks' MLP weights for one bmm copies K * n_params floats; above this many target
-# parameters a per-task matmul reads the same bytes without the copy and wins (see
-# docs/benchmarks.md, "serving"), so stacking is for the many-small-tasks case.
-STACK_MAX_PARAMS = 400_000
+# Stacking K tasks' MLP weights for one bmm copies K * n_params floats; it pays off only while
+# that copy is cheaper than K small per-task matmul chains (a few torch ops each). Measured on
+# 2 CPU cores (docs/benchmarks.md, "serving"): a 16k-parameter MLP gains, at 90k parameters it
+# is a tie and above that the copy loses, so stacking is for small targets only.
+STACK_MAX_PARAMS = 50_000
 # A stacked bucket may pad its groups to the largest one; allow at most this much padding.
 STACK_MAX_PADDING = 1.5
 
@@ -87,19 +88,20 @@ def _stack_buckets(groups: Sequence[Group]) -> list[list[int]]:
     """
     order = sorted(range(len(groups)), key=lambda i: -groups[i].x.shape[0])
     buckets: list[list[int]] = []
-    open_by_head: dict[int, list[int]] = {}
+    open_by_head: dict[int, tuple[list[int], list[int]]] = {}  # head -> (bucket, [real rows])
     for i in order:
         head, rows = groups[i].info.head, groups[i].x.shape[0]
-        bucket = open_by_head.get(head)
-        if bucket is not None:
+        current = open_by_head.get(head)
+        if current is not None:
+            bucket, real = current
             top = groups[bucket[0]].x.shape[0]
-            real = sum(groups[j].x.shape[0] for j in bucket) + rows
-            if top * (len(bucket) + 1) <= STACK_MAX_PADDING * real:
+            if top * (len(bucket) + 1) <= STACK_MAX_PADDING * (real[0] + rows):
                 bucket.append(i)
+                real[0] += rows
                 continue
         bucket = [i]
         buckets.append(bucket)
-        open_by_head[head] = bucket
+        open_by_head[head] = (bucket, [rows])
     return buckets
 
 
