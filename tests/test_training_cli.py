@@ -164,6 +164,17 @@ def test_train_config_file_and_validation(capsys, tmp_path, npz_files):
     assert not (tmp_path / "ck2").exists()
 
 
+def test_train_a_baseline_writes_a_report_not_a_checkpoint(capsys, tmp_path, npz_files):
+    out = tmp_path / "ft"
+    summary = run_json(capsys, "train", "--benchmark", "custom", "--data", npz_files["a"],
+                       "--data", npz_files["b"], "--method", "finetune", "--iterations", "20",
+                       "--out", out, "--json", *TINY)
+    assert summary["method"] == "finetune" and summary["out"] is None
+    assert summary["task_names"] == ["a", "b"] and len(summary["accuracy_matrix"]) == 2
+    assert not out.exists()
+    assert json.loads((tmp_path / "ft-report" / "results.json").read_text())["accuracy"]
+
+
 def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

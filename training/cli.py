@@ -94,24 +94,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         pad=args.pad, first_identity=args.first_identity, multi_head=args.multi_head,
         method=args.method, target=target, hypernet=hnet, **_training_overrides(args),
     )
-    check_out_dir(args.out, args.overwrite)  # before spending time on data
+    # Only the hypernetwork makes a servable checkpoint; baselines (--method finetune, ewc, ...)
+    # are for comparison and write their report only.
+    out = args.out if config.method == "hnet" else None
+    if out is not None:
+        check_out_dir(out, args.overwrite)  # before spending time on data
     tasks = load_benchmark(config)
     report_dir = args.report_dir or f"{Path(args.out).absolute()}-report"
     try:
-        _, result = train_tasks(tasks, config, args.out, overwrite=args.overwrite,
-                                    progress=not args.no_progress, report_dir=report_dir)
+        _, result = train_tasks(tasks, config, out, overwrite=args.overwrite,
+                                progress=not args.no_progress, report_dir=report_dir)
     except Interrupted as stop:
         done = stop.result.completed
-        where = f"checkpoint {args.out} holds {len(done)} task(s): {', '.join(done)}" if done \
-            else "no task was completed, nothing was written"
+        where = f"checkpoint {out} holds {len(done)} task(s): {', '.join(done)}" if done and out \
+            else "no checkpoint was written"
         print(f"hnet-serve train: interrupted; {where}", file=sys.stderr)
         return 130
-    summary = {"out": str(Path(args.out).absolute()), "report_dir": str(report_dir),
-               **result.to_dict()}
+    summary = {"out": str(Path(out).absolute()) if out else None,
+               "report_dir": str(report_dir), "method": config.method, **result.to_dict()}
     if args.json:
         print_json(summary)
         return 0
-    print(f"trained {len(result.completed)} tasks -> {args.out} (report: {report_dir})")
+    if out:
+        print(f"trained {len(result.completed)} tasks -> {out} (report: {report_dir})")
+    else:
+        print(f"trained {len(result.completed)} tasks with the {config.method!r} baseline; "
+              f"no checkpoint (baselines are not served), report: {report_dir}")
     for name, acc in result.final_accuracy.items():
         print(f"  {name:<28} {_pct(acc)}")
     m = result.metrics
@@ -200,7 +208,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=DATASET_CHOICES, default=None,
                    help="image source (default mnist5k: 5,000 real MNIST digits)")
     p.add_argument("--tasks", type=int, help="number of tasks (default: the benchmark's)")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--out", required=True,
+                   help="checkpoint directory to write (baselines write only OUT-report)")
     p.add_argument("--data-dir", help="IDX directory (idx-dir, fashion-mnist) or CIFAR binaries")
     p.add_argument("--data", action="append", default=[], metavar="FILE",
                    help="custom benchmark: one task per .npz/.npy/.csv file (repeat)")
