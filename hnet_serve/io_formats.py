@@ -238,7 +238,9 @@ def _list_values(arr: pa.Array, width: int, bad: dict[int, str]) -> np.ndarray:
         offsets = arr.offsets.to_numpy(zero_copy_only=False)
         starts = offsets[:-1].astype(np.int64)
         values = arr.values
-    vals = pc.cast(values, pa.float32(), safe=False).fill_null(np.nan)
+    vals = pc.cast(values, pa.float32(), safe=False)
+    if vals.null_count:
+        vals = vals.fill_null(np.nan)
     flat = vals.to_numpy(zero_copy_only=False)  # (total,) missing -> NaN
     good = np.array([i not in bad for i in range(n)], dtype=bool) if bad else None
     if good is None and len(flat) == n * width and (n == 0 or starts[0] == 0):

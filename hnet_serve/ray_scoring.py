@@ -9,6 +9,7 @@ and used without it; :func:`score_dataset` wires it into ``map_batches`` (``pip 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from hnet_serve.errors import InputError
-from hnet_serve.scoring import DEFAULT_BATCH_SIZE, Scorer, ScoringConfig, batch_chunk
+from hnet_serve.scoring import DEFAULT_BATCH_SIZE, Scorer, ScoringConfig, batch_chunk, runtime_for
 
 
 class HNetScorer:
@@ -36,20 +37,18 @@ class HNetScorer:
         *,
         task: str | None = None,
         task_column: str | None = None,
-        backend: Literal["torch", "onnx"] = "torch",
+        backend: Literal["torch", "onnx"] | None = None,
+        threads: int | None = None,
         probabilities: bool = False,
         on_error: Literal["stop", "skip"] = "stop",
         keep_columns: Sequence[str] = (),
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        from hnet_serve.runtime import Runtime
-
         config = ScoringConfig.build(
-            task=task, task_column=task_column, backend=backend, probabilities=probabilities,
-            on_error=on_error, batch_size=batch_size,
+            task=task, task_column=task_column, backend=backend, threads=threads,
+            probabilities=probabilities, on_error=on_error, batch_size=batch_size,
         )
-        runtime = Runtime.from_checkpoint(checkpoint, backend=config.backend, max_rows=batch_size)
-        self.scorer = Scorer(runtime, config)
+        self.scorer = Scorer(runtime_for(checkpoint, config), config)
         self.keep_columns = list(keep_columns)
 
     def __call__(self, batch: Any) -> Any:
@@ -107,10 +106,11 @@ def score_dataset(
 ) -> Any:
     """``ds.map_batches(HNetScorer, ...)`` on a pool of ``concurrency`` actors.
 
-    ``options`` are :class:`HNetScorer`'s (task, task_column, backend, probabilities, on_error,
-    keep_columns). The checkpoint path must be readable from every worker. ``num_cpus`` per
-    actor defaults to what leaves one CPU of the cluster to the read and write tasks: actors
-    that reserve every CPU starve the reads, and the pipeline never finishes.
+    ``options`` are :class:`HNetScorer`'s (task, task_column, backend, threads, probabilities,
+    on_error, keep_columns). The checkpoint path must be readable from every worker.
+    ``num_cpus`` per actor defaults to what leaves one CPU of the cluster to the read and write
+    tasks (actors that reserve every CPU starve the reads, and the pipeline never finishes);
+    ``threads`` defaults to ``num_cpus`` rounded up, so actors do not fight over cores.
     """
     import ray
 
@@ -119,6 +119,7 @@ def score_dataset(
     if num_cpus is None:
         cpus = float(ray.cluster_resources().get("CPU", concurrency + 1))
         num_cpus = max(0.25, min(1.0, (cpus - 1) / concurrency))
+    options.setdefault("threads", max(1, math.ceil(num_cpus)))
     return ds.map_batches(
         HNetScorer,
         fn_constructor_args=(str(checkpoint),),

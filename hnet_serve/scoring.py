@@ -51,7 +51,10 @@ class ScoringConfig(BaseModel):
 
     task: str | None = None
     task_column: str | None = None
-    backend: Literal["torch", "onnx"] = "torch"
+    # ONNX Runtime by default: on shared CPUs it kept its speed where torch's OpenMP threads did
+    # not (docs/benchmarks.md, "Batch scoring"); both give the same predictions.
+    backend: Literal["torch", "onnx"] = "onnx"
+    threads: int | None = Field(default=None, gt=0, le=1024)  # intra-op threads (None: CPUs)
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0, le=10_000_000)
     probabilities: bool = False
     on_error: Literal["stop", "skip"] = "stop"
@@ -132,7 +135,7 @@ class ScoreReport:
     rejects_file: str | None = None
     tasks: dict[str, int] = field(default_factory=dict)  # rows scored per task
     inferred: bool = False
-    backend: str = "torch"
+    backend: str = "onnx"
     seconds: float = 0.0
 
     @property
@@ -257,13 +260,15 @@ class Scorer:
         return ScoredBatch(rows, task_idx, preds, probs, rejects, self.schema)
 
 
-def _runtime(checkpoint: Runtime | str | os.PathLike, config: ScoringConfig) -> Runtime:
+def runtime_for(checkpoint: Runtime | str | os.PathLike, config: ScoringConfig) -> Runtime:
+    """``checkpoint`` if it is a runtime already, else the checkpoint loaded for ``config``."""
     from hnet_serve.runtime import Runtime
 
     if isinstance(checkpoint, Runtime):
         return checkpoint
     # A batch-sized row limit: the service's max_rows guards requests, not files.
-    return Runtime.from_checkpoint(checkpoint, backend=config.backend, max_rows=config.batch_size)
+    return Runtime.from_checkpoint(checkpoint, backend=config.backend, max_rows=config.batch_size,
+                                   intra_op_threads=config.threads)
 
 
 # -- in-memory batches --------------------------------------------------------------------
@@ -348,7 +353,7 @@ def score_batch(
     config = ScoringConfig.build(
         task=task, task_column=task_column, probabilities=probabilities, on_error=on_error
     )
-    scorer = Scorer(_runtime(runtime, config), config)
+    scorer = Scorer(runtime_for(runtime, config), config)
     return scorer.score_chunk(batch_chunk(batch, scorer, row_offset))
 
 
@@ -368,6 +373,15 @@ def _check_paths(input: Path, output: Path, rejects: Path | None) -> None:
         raise ConfigError("the rejects file and the output must be different files")
 
 
+def _check_task(checkpoint: str | os.PathLike, task: str) -> None:
+    from hnet_serve.checkpoint import read_manifest
+    from hnet_serve.errors import UnknownTaskError
+
+    names = [t.get("name") for t in read_manifest(checkpoint)["tasks"]]
+    if task not in names:
+        raise UnknownTaskError(task, names)
+
+
 def score_file(
     checkpoint: Runtime | str | os.PathLike,
     input: str | os.PathLike,
@@ -378,19 +392,22 @@ def score_file(
 ) -> ScoreReport:
     """Score every row of ``input`` into ``output``; see :class:`ScoringConfig` for ``options``.
 
-    ``checkpoint`` is a checkpoint directory or a ready :class:`Runtime` (then ``backend`` is the
-    runtime's). Memory is bounded by ``batch_size`` (and a Parquet input's row-group size), not
+    ``checkpoint`` is a checkpoint directory or a ready :class:`Runtime` (then ``backend`` and
+    ``threads`` are the runtime's). Memory is bounded by ``batch_size`` (and a Parquet input's row-group size), not
     by the file. ``output`` (and the rejects file) appear only when the whole input was scored.
     """
     from tqdm import tqdm
 
     from hnet_serve.io_formats import RejectsWriter, count_rows, open_writer, read_chunks
+    from hnet_serve.runtime import Runtime
 
     config = ScoringConfig.build(**options)
     input, output = Path(input), Path(output)
     rejects_path = Path(config.rejects) if config.rejects else None
     _check_paths(input, output, rejects_path)
-    runtime = _runtime(checkpoint, config)
+    if config.task is not None and not isinstance(checkpoint, Runtime):
+        _check_task(checkpoint, config.task)  # before the (slower) load and graph build
+    runtime = runtime_for(checkpoint, config)
     scorer = Scorer(runtime, config)
     report = ScoreReport(str(input), str(output), rejects_file=config.rejects,
                          backend=runtime.config.backend, inferred=config.task is None)
@@ -448,7 +465,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     report = score_file(
         args.checkpoint, args.input, args.output,
-        task=args.task, task_column=args.task_column, backend=args.backend,
+        task=args.task, task_column=args.task_column, backend=args.backend, threads=args.threads,
         batch_size=args.batch_size, probabilities=args.probabilities, on_error=args.on_error,
         rejects=args.rejects, row_numbers=args.row_numbers, progress=not args.no_progress,
     )
@@ -484,7 +501,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--task", help="score every row with this task")
     which.add_argument("--task-column", metavar="COL",
                        help="per-row task names in this column (empty: infer that row's task)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
+                   help="onnx (default: the fastest here, see docs/scoring.md) or torch")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op threads of the backend (default: the CPUs this process may use)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"rows per chunk (memory scales with it; default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--probabilities", action="store_true",

@@ -447,10 +447,11 @@ def test_cli_text_summary_names_rejects(tmp_path, ckpt, capsys):
     (tmp_path / "bad.csv").write_text(BAD_CSV)
     rc = main(["score", str(ckpt), "--input", str(tmp_path / "bad.csv"), "--output",
                str(tmp_path / "o.csv"), "--task-column", "task", "--rejects",
-               str(tmp_path / "r.jsonl"), "--no-progress"])
+               str(tmp_path / "r.jsonl"), "--no-progress", "--backend", "torch", "--threads", "1"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "scored 3 of 9 rows" in out and "rejected 6 rows (first: 1, 3, 4, 5, 6, 7)" in out
+    assert "backend torch" in out
 
 
 def test_onnx_backend_gives_the_same_predictions(tmp_path, ckpt, rt, x):
