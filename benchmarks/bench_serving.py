@@ -135,7 +135,7 @@ def bench_latency(model, threads: int, quick: bool) -> str:
         rt.predict(task, x)  # cached from here on
         torch_rt.predict(task, x)
         number = (20 if batch == 1 else 3) if not quick else 5
-        rounds = 5 if quick else 25
+        rounds = 5 if quick else 41
         def run_bare(x: np.ndarray = x) -> object:
             return bare.run(["logits"], {"input": x})
 
