@@ -158,11 +158,24 @@ def test_wrong_task_inference_lowers_cl3_not_cl1():
     scores = evaluate_predictors(greedy, tasks)
     b = scores.per_task["b"]
     assert scores.per_task["a"]["task_inference"] == 1.0
+    assert scores.confusion[0] == [1.0, 0.0]
+    assert scores.confusion[1][0] == pytest.approx(1 - b["task_inference"])
     assert b["task_inference"] < 0.2
     assert b["cl1"] > 0.95 and b["cl2"] > 0.95  # the within-task answer is still right
     assert b["cl3"] < 0.2  # but the global class is task a's
     with pytest.raises(InputError):
         evaluate_predictors(greedy[:1], tasks)
+
+
+def test_max_rows_scores_the_first_rows_only():
+    tasks = [disjoint_task("a", [0, 2], seed=1), disjoint_task("b", [1, 3], seed=2)]
+    greedy = [_gated([0, 1, 2, 3], [0, 1], scale=100.0), _gated([1, 3], [1])]
+    capped = evaluate_predictors(greedy, tasks, max_rows=50, batch_size=16)
+    by_hand = evaluate_predictors(
+        greedy, [TaskData(t.name, t.x_train, t.y_train, t.x_test[:50], t.y_test[:50],
+                          num_classes=2) for t in tasks])
+    assert capped.per_task == by_hand.per_task
+    assert capped.per_task != evaluate_predictors(greedy, tasks).per_task
 
 
 def test_hnet_scores_equal_the_generic_path_with_its_own_predictors():

@@ -104,6 +104,8 @@ class ScenarioScores:
 
     per_task: dict[str, dict[str, float]] = field(default_factory=dict)
     temperature: float = 1.0
+    # confusion[j][t]: fraction of task j's test inputs that the entropy rule assigns to task t
+    confusion: list[list[float]] = field(default_factory=list)
 
     def _mean(self, key: str) -> float:
         return float(np.mean([v[key] for v in self.per_task.values()]))
@@ -127,7 +129,7 @@ class ScenarioScores:
     def to_dict(self) -> dict[str, Any]:
         return {"cl1": self.cl1, "cl2": self.cl2, "cl3": self.cl3,
                 "task_inference": self.task_inference, "temperature": self.temperature,
-                "per_task": self.per_task}
+                "per_task": self.per_task, "confusion": self.confusion}
 
 
 def score_rows(
@@ -162,8 +164,10 @@ def evaluate_candidates(
     *,
     temperature: float = 1.0,
     batch_size: int = 2000,
+    max_rows: int | None = None,
 ) -> ScenarioScores:
-    """Score CL1/CL2/CL3 and task inference on every task's test set.
+    """Score CL1/CL2/CL3 and task inference on every task's test set (its first ``max_rows``
+    rows when given: a cheaper estimate, e.g. after every task of a long run).
 
     ``candidates(x)`` returns the entropy rule's choice and the logits of every task in
     ``tasks`` (same order) for the rows ``x``.
@@ -173,8 +177,9 @@ def evaluate_candidates(
     offsets = class_offsets(tasks)
     scores = ScenarioScores(temperature=temperature)
     for j, task in enumerate(tasks):
-        x, y = task.x_test, task.y_test
+        x, y = task.x_test[:max_rows], task.y_test[:max_rows]
         hits: dict[str, list[np.ndarray]] = {}
+        chosen = np.zeros(len(tasks), dtype=np.int64)
         for start in range(0, len(y), batch_size):
             inference, logits = candidates(x[start : start + batch_size])
             if len(logits) != len(tasks):
@@ -182,7 +187,9 @@ def evaluate_candidates(
             rows = score_rows(j, y[start : start + batch_size], inference, logits, offsets)
             for key, ok in rows.items():
                 hits.setdefault(key, []).append(ok)
+            chosen += np.bincount(inference.task_index, minlength=len(tasks))
         scores.per_task[task.name] = {k: float(np.concatenate(v).mean()) for k, v in hits.items()}
+        scores.confusion.append((chosen / chosen.sum()).tolist())
     return scores
 
 
@@ -192,6 +199,7 @@ def evaluate_hnet(
     *,
     temperature: float = 1.0,
     batch_size: int = 2000,
+    max_rows: int | None = None,
 ) -> ScenarioScores:
     """HNET (CL1) and HNET+ENT (CL2, CL3) on the test sets of ``tasks`` (all in the model).
 
@@ -203,7 +211,7 @@ def evaluate_hnet(
         weights = model.generate(names)  # (T, n_params)
     return evaluate_candidates(
         lambda x: infer_tasks(model, x, temperature=temperature, tasks=names, weights=weights),
-        tasks, temperature=temperature, batch_size=batch_size,
+        tasks, temperature=temperature, batch_size=batch_size, max_rows=max_rows,
     )
 
 
@@ -213,6 +221,7 @@ def evaluate_predictors(
     *,
     temperature: float = 1.0,
     batch_size: int = 2000,
+    max_rows: int | None = None,
 ) -> ScenarioScores:
     """The same scores for one predictor per task (e.g. independent networks), with the same
     entropy rule (:func:`~hnet_serve.runtime.select_by_entropy`) choosing among them."""
@@ -224,4 +233,5 @@ def evaluate_predictors(
         logits = [p(xb).numpy() for p in predictors]  # [(N, C_t)]
         return select_by_entropy(logits, temperature), logits
 
-    return evaluate_candidates(candidates, tasks, temperature=temperature, batch_size=batch_size)
+    return evaluate_candidates(candidates, tasks, temperature=temperature, batch_size=batch_size,
+                               max_rows=max_rows)
