@@ -1,0 +1,181 @@
+"""Long task sequences in the compressive regime: Permuted Fashion-MNIST-100.
+
+One chunked hypernetwork with fewer trainable weights than its target network (compression
+ratio < 1) learns N permutations of Fashion-MNIST in sequence with the output regularizer on
+**all** previous tasks every step. Measured: the mean test accuracy over all N tasks after the
+last one, every task's accuracy right after it was learned, and the accuracy of task 1 after
+every task (the paper's memory-lifetime plot).
+
+Cost control: the trainer evaluates every task seen after each task (N^2 / 2 evaluations), so
+inside the loop each task is evaluated on the first ``--loop-rows`` test examples only; task 1
+after every task, each task right after it is learned, and every task at the end are evaluated
+on the full 10,000 test examples.
+
+    python -m benchmarks.bench_repro_long [--tasks 100] [--iterations 500] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks._report import ROOT, machine, table, write_section
+from benchmarks.bench_reproduction import COMPRESSIVE_HNET
+from training.config import build_config
+from training.data import TaskData, build_benchmark
+from training.evaluate import accuracy, plot_accuracy_matrix
+from training.trainer import TrainResult, make_method, run_tasks
+
+IMG = ROOT / "docs" / "img"
+HYPERNET = COMPRESSIVE_HNET
+
+
+def with_test_rows(task: TaskData, n: int) -> TaskData:
+    """A view of ``task`` whose test split is its first ``n`` examples (inputs shared)."""
+    view = copy.copy(task)
+    view._x_test = task._x_test[:n]  # TaskData applies its transform on access
+    view.y_test = task.y_test[:n]
+    return view
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", type=int, default=100)
+    ap.add_argument("--iterations", type=int, default=500, help="steps per task")
+    ap.add_argument("--loop-rows", type=int, default=500,
+                    help="test examples per task for the in-loop accuracy matrix")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="5 tasks, 30 steps (smoke run)")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tasks, args.iterations = 5, 30
+    torch.set_num_threads(args.threads)
+
+    full = build_benchmark("permuted-mnist", "fashion-mnist", tasks=args.tasks, seed=args.seed)
+    tasks = [with_test_rows(t, args.loop_rows) for t in full]
+    cfg = build_config(benchmark="permuted-mnist", dataset="fashion-mnist", tasks=args.tasks,
+                       iterations=args.iterations, seed=args.seed, hypernet=HYPERNET)
+    method = make_method(cfg, tasks)
+    model = method.model
+    first = full[0]
+    task1_curve: list[float] = []  # full test accuracy of task 1 after each task
+    just_trained: list[float] = []  # full test accuracy of task i right after learning it
+    eval_seconds = [0.0]
+
+    def on_task_end(i: int, task: TaskData, result: TrainResult) -> None:
+        t0 = time.perf_counter()
+        task1_curve.append(accuracy(model, first.name, first.x_test, first.y_test))
+        cur = full[i]
+        just_trained.append(task1_curve[-1] if i == 0 else
+                            accuracy(model, cur.name, cur.x_test, cur.y_test))
+        eval_seconds[0] += time.perf_counter() - t0
+        if (i + 1) % 10 == 0 or i == len(tasks) - 1:
+            print(f"task {i + 1}/{len(tasks)}: task-1 {task1_curve[-1]:.4f}, new "
+                  f"{just_trained[-1]:.4f}, {sum(result.seconds):.0f} s training", flush=True)
+
+    t_start = time.perf_counter()
+    result = run_tasks(method, tasks, cfg, on_task_end=on_task_end, progress=args.progress)
+    final = {t.name: accuracy(model, t.name, t.x_test, t.y_test) for t in full}
+    total = time.perf_counter() - t_start
+
+    hn = model.hypernet
+    final_acc = np.array(list(final.values()))
+    after = np.array(just_trained)
+    drift_task1 = 100 * (task1_curve[-1] - task1_curve[0])
+    steps = np.array(result.seconds) / np.array(result.steps)  # s/step per task
+    n = len(full)
+    rows = [
+        ["tasks learned", n],
+        ["mean accuracy over all tasks after the last (%)", 100 * final_acc.mean()],
+        ["mean accuracy right after learning each task (%)", 100 * after.mean()],
+        ["mean change since learning (points, BWT)", 100 * (final_acc - after).mean()],
+        ["worst task change (points)", 100 * (final_acc - after).min()],
+        ["task 1 right after learning (%)", 100 * task1_curve[0]],
+        [f"task 1 after task {n} (%)", 100 * task1_curve[-1]],
+        ["task 1 change (points)", drift_task1],
+        ["target weights", f"{model.target.n_params:,}"],
+        ["hypernetwork weights (shared)", f"{hn.n_shared:,}"],
+        ["task embeddings", f"{n} x {cfg.hypernet.task_emb_dim}"],
+        ["compression ratio (shared / target)", hn.compression_ratio()],
+        [f"step time, task 2 / task {n} (ms)",
+         f"{1e3 * steps[min(1, n - 1)]:.1f} / {1e3 * steps[-1]:.1f}"],
+        ["training time (min)", sum(result.seconds) / 60],
+        ["whole run (min)", total / 60],
+    ]
+    body = (
+        "## Reproduction: long sequences, Permuted Fashion-MNIST-"
+        f"{n} (`benchmarks/bench_repro_long.py`)\n\n"
+        f"Data: {n} pixel permutations of Fashion-MNIST (task 1 the identity), 60,000 training "
+        "/ 10,000 test images each. Target MLP "
+        f"{cfg.target.hidden} ({model.target.n_params:,} weights, one shared 10-way output); "
+        f"chunked hypernetwork hidden {HYPERNET['hidden']}, chunk {HYPERNET['chunk_size']}, "
+        f"embeddings {HYPERNET['task_emb_dim']}/{HYPERNET['chunk_emb_dim']} "
+        f"({hn.n_shared:,} weights: compression ratio {hn.compression_ratio():.3f}). "
+        f"{cfg.iterations} iterations per task, batch {cfg.batch_size}, Adam lr {cfg.lr}, "
+        f"beta {cfg.beta}, the regularizer on all previous tasks every step. Seed {args.seed}. "
+        f"Machine: {machine()}."
+        + (" `--quick` smoke run: numbers are not meaningful." if args.quick else "")
+        + "\n\n" + table(["measure", "value"], rows)
+        + f"\nDone when: task 1 after task {n} within 2 points of right after learning it "
+        f"(measured {drift_task1:+.2f}), at compression ratio < 1 "
+        f"(measured {hn.compression_ratio():.3f}).\n"
+    )
+    if not args.no_write and not args.quick:
+        IMG.mkdir(parents=True, exist_ok=True)
+        stem = f"repro_pfmnist{n}"
+        curve = IMG / f"{stem}_task1.png"
+        plot_long(task1_curve, after, final_acc, curve, n)
+        matrix = IMG / f"{stem}_matrix.png"
+        plot_accuracy_matrix(result.accuracy_matrix, [t.name for t in tasks], matrix,
+                             f"PFMNIST-{n}, R[i][j] on {args.loop_rows} test images per task")
+        raw = IMG / f"{stem}.json"
+        raw.write_text(json.dumps({
+            "task1_curve": task1_curve, "just_trained": just_trained, "final": final,
+            "loop_matrix": result.accuracy_matrix, "seconds": result.seconds,
+            "steps": result.steps, "config": cfg.model_dump(mode="json"),
+        }))
+        body += (f"\nPlots: [task 1 over time, every task after learning vs at the end]"
+                 f"({curve.relative_to(ROOT / 'docs').as_posix()}), "
+                 f"[accuracy matrix]({matrix.relative_to(ROOT / 'docs').as_posix()}). "
+                 f"Raw numbers: `{raw.relative_to(ROOT).as_posix()}`.\n")
+        write_section("repro-long", body)
+    print(body)
+
+
+def plot_long(task1: list[float], after: np.ndarray, final: np.ndarray, path: Path, n: int
+              ) -> None:
+    from training.evaluate import _pyplot
+
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(1, n + 1)
+    a.plot(x, 100 * np.asarray(task1), color="C0")
+    a.axhline(100 * task1[0] - 2, color="C3", ls="--", lw=1, label="2 points below start")
+    a.set_xlabel("tasks learned")
+    a.set_ylabel("task 1 test accuracy (%)")
+    a.set_title("task 1 over time")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    b.plot(x, 100 * after, color="C2", lw=1, label="right after learning the task")
+    b.plot(x, 100 * final, color="C0", lw=1, label=f"after task {n}")
+    b.set_xlabel("task")
+    b.set_ylabel("test accuracy (%)")
+    b.set_title("every task")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
