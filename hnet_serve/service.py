@@ -125,15 +125,28 @@ class AdaptiveBatcher:
                 self.batches += 1
                 self.batched_requests += len(batch)
                 for p, result in zip(batch, results):
-                    if not p.future.done():
+                    if p.future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        p.future.set_exception(result)
+                    else:
                         p.future.set_result(result)
 
-    def _execute(self, batch: list[_Pending]) -> list[Prediction]:
+    def _execute(self, batch: list[_Pending]) -> list[Prediction | Exception]:
         if len(batch) == 1:
-            return [self.runtime.predict(batch[0].task, batch[0].x)]
+            return [self._execute_one(batch[0])]
         tasks = [p.task for p in batch for _ in range(p.x.shape[0])]
-        mixed = self.runtime.predict_mixed(tasks, np.concatenate([p.x for p in batch]))
+        try:
+            mixed = self.runtime.predict_mixed(tasks, np.concatenate([p.x for p in batch]))
+        except Exception:  # noqa: BLE001 - one failing request must not fail the whole batch
+            return [self._execute_one(p) for p in batch]
         return split_prediction(self.runtime, mixed, batch)
+
+    def _execute_one(self, p: _Pending) -> Prediction | Exception:
+        try:
+            return self.runtime.predict(p.task, p.x)
+        except Exception as exc:  # noqa: BLE001 - handed to this request only
+            return exc
 
     def close(self) -> None:
         if self._worker is not None:
