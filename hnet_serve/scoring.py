@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -460,15 +461,25 @@ def _count(task_index: np.ndarray) -> dict[int, int]:
 
 
 # -- CLI ----------------------------------------------------------------------------------
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from hnet_serve.cli import print_json
 
-    report = score_file(
-        args.checkpoint, args.input, args.output,
-        task=args.task, task_column=args.task_column, backend=args.backend, threads=args.threads,
-        batch_size=args.batch_size, probabilities=args.probabilities, on_error=args.on_error,
-        rejects=args.rejects, row_numbers=args.row_numbers, progress=not args.no_progress,
-    )
+    # SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C: no output, no temp file.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = score_file(
+            args.checkpoint, args.input, args.output,
+            task=args.task, task_column=args.task_column, backend=args.backend,
+            threads=args.threads, batch_size=args.batch_size, probabilities=args.probabilities,
+            on_error=args.on_error, rejects=args.rejects, row_numbers=args.row_numbers,
+            progress=not args.no_progress,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.json:
         print_json(report.to_json())
         return 0

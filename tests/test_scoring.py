@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -338,6 +339,27 @@ def test_interrupted_run_leaves_no_output_and_keeps_the_old_one(
     assert (tmp_path / out_name).read_bytes() == b"previous results"
     assert not (tmp_path / "r.jsonl").exists()
     assert no_leftovers(tmp_path) == []
+
+
+def test_cli_sigterm_cleans_up_like_ctrl_c(tmp_path, ckpt, x, monkeypatch, capsys):
+    write_input(tmp_path / "x.npy", x)
+    real = Scorer.score_chunk
+    calls = {"n": 0}
+
+    def killed(self, chunk):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a job scheduler would
+        return real(self, chunk)
+
+    monkeypatch.setattr(Scorer, "score_chunk", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = main(["score", str(ckpt), "--input", str(tmp_path / "x.npy"), "--output",
+               str(tmp_path / "o.parquet"), "--task", "task-0", "--batch-size", "50",
+               "--backend", "torch", "--no-progress"])
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # -- in-memory batches --------------------------------------------------------------------
