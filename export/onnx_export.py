@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from export.quantize import QuantizeReport, compare_int8, quantize_int8
 from export.verify import REAL_ROWS, TOLERANCE, Parity, session, verify_dynamic, verify_task
 from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint
 from hnet_serve.errors import ConfigError, ExportError, HNetError
+from hnet_serve.fsutil import fsync_path, temp_sibling, write_atomic
 from hnet_serve.model import HNetModel
 from hnet_serve.onnx_graph import TaskGraph, dynamic_model_proto, opset_of
 from hnet_serve.registry import validate_task_name
@@ -128,32 +128,12 @@ def recorded_test_data(model: HNetModel, names: list[str]
 
 
 # -- files ------------------------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary sibling, fsync, then rename over ``path``."""
-    tmp = _tmp_name(path)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError as exc:
         raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def _check_file_target(path: Path) -> Path:
@@ -243,7 +223,7 @@ def _export_task(graph: TaskGraph, task: str, weights: torch.Tensor, path: Path,
     writer.submit(path, blob)
     quantized = None
     if quant_path is not None:
-        tmp = _tmp_name(quant_path)
+        tmp = temp_sibling(quant_path)
         try:
             quantize_int8(proto, tmp)
             quantized = compare_int8(session(blob), session(str(tmp)),
@@ -252,7 +232,7 @@ def _export_task(graph: TaskGraph, task: str, weights: torch.Tensor, path: Path,
             os.replace(tmp, quant_path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(quant_path.parent)
+        fsync_path(quant_path.parent)
     return ExportResult(
         task=task, path=str(path), bytes=len(blob), seconds=time.perf_counter() - t0,
         opset=graph.opset, verified=verify,

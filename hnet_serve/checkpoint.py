@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,11 @@ from safetensors.torch import save as st_save
 
 from hnet_serve import __version__
 from hnet_serve.errors import CheckpointError, HNetError
+from hnet_serve.fsutil import fsync_path, temp_sibling, write_synced
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import TaskRegistry
-from hnet_serve.targets import MLPConfig, ResNetConfig, TargetConfig
+from hnet_serve.targets import TargetConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -91,21 +91,6 @@ def state_tensors(model: HNetModel) -> dict[str, torch.Tensor]:
     return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -155,12 +140,12 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
     manifest = build_manifest(model, tensors)
     manifest["content_hash"] = _content_hash(manifest, weights)
 
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(path)
     tmp.mkdir()
     try:
-        _write_file(tmp / WEIGHTS, weights)
-        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-        _fsync_dir(tmp)
+        write_synced(tmp / WEIGHTS, weights)
+        write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        fsync_path(tmp)
         if _before_swap is not None:
             _before_swap(tmp)
         if not path.exists():
@@ -168,11 +153,11 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
         elif _exchange(tmp, path):
             shutil.rmtree(tmp)  # tmp now holds the previous checkpoint
         else:
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            old = temp_sibling(path, "old")
             os.rename(path, old)
             os.rename(tmp, path)
             shutil.rmtree(old)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
