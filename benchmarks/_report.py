@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import hnet_serve  # noqa: F401  (first: sets the allocator knob before any tensor exists)
 import torch
+
+import hnet_serve  # noqa: F401  (sets the allocator knob before any tensor is created)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"

@@ -54,9 +54,7 @@ def measure(impl: str, repeat: int) -> dict[str, float]:
     ours = build_ours()
     names = ours.task_names
     if impl == "ours":
-        one = lambda: ours.generate(names[:1])  # noqa: E731
-        batched = lambda: ours.generate(names)  # noqa: E731
-        calls = {"one": one, "batched": batched}
+        calls = {"one": lambda: ours.generate(names[:1]), "batched": lambda: ours.generate(names)}
     else:
         theirs = build_theirs(ours)
         if theirs.num_params != ours.hypernet.n_shared + K * 24:

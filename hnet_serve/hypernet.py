@@ -15,6 +15,7 @@ so every existing task's generated weights stay bit-identical.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -77,7 +78,7 @@ class HyperNetwork(nn.Module):
             if self.chunk_embs is not None
             else None
         )
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.head = nn.Linear(widths[-1], self.chunk_size)
         self._act = activation_fn(config.activation)
         self.reset_parameters()

@@ -12,9 +12,10 @@ Input normalization (``input_mean``/``input_std``) is part of the model: it is a
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,7 @@ class ResNetConfig(_TargetConfigBase):
         return 6 * self.blocks_per_stage + 2
 
 
-TargetConfig = Annotated[Union[MLPConfig, ResNetConfig], Field(discriminator="kind")]
+TargetConfig = Annotated[MLPConfig | ResNetConfig, Field(discriminator="kind")]
 
 
 class TargetNet(nn.Module):
@@ -197,7 +198,7 @@ class MLPTarget(TargetNet):
         self.config = config
         sizes = [config.input_size, *config.hidden, config.num_classes * config.num_heads]
         self.layers = nn.ModuleList(
-            nn.Linear(a, b, bias=config.use_bias) for a, b in zip(sizes[:-1], sizes[1:])
+            nn.Linear(a, b, bias=config.use_bias) for a, b in itertools.pairwise(sizes)
         )
         self._act = activation_fn(config.activation)
         self._init_norm(config)

@@ -200,7 +200,7 @@ m = load_checkpoint({str(ck)!r})
 m.add_task("extra")
 save_checkpoint(m, {str(ck)!r}, _before_swap=lambda tmp: os.kill(os.getpid(), signal.SIGKILL))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, check=False)
     assert proc.returncode == -9
     assert checkpoint_hash(ck) == h0
     assert load_checkpoint(ck).task_names == mlp_model.task_names
@@ -237,12 +237,12 @@ def test_cli_info_text_and_broken_checkpoint(tmp_path, capsys, mlp_model):
 def test_console_script_version_and_help(tmp_path, mlp_model):
     exe = Path(sys.executable).with_name("hnet-serve")
     env = dict(os.environ)
-    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, env=env)
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, env=env, check=False)
     assert out.returncode == 0 and out.stdout.startswith("hnet-serve ")
-    helped = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=env)
+    helped = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=env, check=False)
     assert helped.returncode == 0 and "info" in helped.stdout
     save_checkpoint(mlp_model, tmp_path / "ck")
     _corrupt_version(tmp_path / "ck")
-    bad = subprocess.run([str(exe), "info", str(tmp_path / "ck")], capture_output=True, text=True)
+    bad = subprocess.run([str(exe), "info", str(tmp_path / "ck")], capture_output=True, text=True, check=False)
     assert bad.returncode == 1
     assert "unsupported format version" in bad.stderr and "Traceback" not in bad.stderr

@@ -29,7 +29,7 @@ def test_mlp_param_count(inp, hidden, classes, heads, expected):
     net = MLPTarget(MLPConfig(input_shape=(inp,), hidden=hidden, num_classes=classes, num_heads=heads))
     assert net.n_params == expected
     assert sum(p.numel() for p in net.parameters()) == expected
-    assert list(net.param_shapes)[0] == "layers.0.weight"
+    assert next(iter(net.param_shapes)) == "layers.0.weight"
     assert net.buffer_shapes == {}
 
 

@@ -29,7 +29,7 @@ def test_quickstart_check(tmp_path):
     proc = subprocess.run(
         [str(exe), "quickstart", "--out", str(out), "--iterations", "30", "--check", "--json",
          "--port", str(_free_port())],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
@@ -49,4 +49,4 @@ def test_quickstart_check(tmp_path):
     assert model.task_names == summary["tasks"]
     sess = ort.InferenceSession(summary["onnx"], providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input"]
-    assert [o.name for o in sess.get_outputs()][0] == "logits"
+    assert sess.get_outputs()[0].name == "logits"
