@@ -228,6 +228,67 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+# -- request media types -----------------------------------------------------------------
+# BentoML picks a body parser by Content-Type; a malformed form body makes its form parser raise,
+# which BentoML answers with a 500 (found by tests/test_http_fuzz.py). Every POST route here
+# takes JSON, so form (and pickle) bodies are refused up front.
+_NOT_JSON = ("multipart/form-data", "application/x-www-form-urlencoded",
+             "application/vnd.bentoml+pickle")
+
+
+class JsonBodyMiddleware:
+    """415 for POST bodies sent as a form or a pickle (any of the Content-Type headers)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            for key, value in scope.get("headers") or []:
+                media = value.split(b";")[0].strip().lower().decode("latin-1")
+                if key.lower() == b"content-type" and media in _NOT_JSON:
+                    await error_response(
+                        415, f"the request body must be JSON (content-type: application/json), "
+                        f"not {media}", "UnsupportedMediaType",
+                    )(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+# -- the OpenAPI document -----------------------------------------------------------------
+def openapi_document() -> dict[str, Any]:
+    """BentoML's OpenAPI document, with the error ``detail`` field typed as BentoML sends it.
+
+    BentoML 1.4 declares ``detail`` a string, but answers request validation errors with
+    pydantic's list of errors; clients generated from the schema (and schema checks) would
+    reject every such 400.
+    """
+    spec = HNetService.openapi_spec.asdict()
+    for schema in spec.get("components", {}).get("schemas", {}).values():
+        detail = schema.get("properties", {}).get("detail")
+        if isinstance(detail, dict) and detail.get("type") == "string":
+            schema["properties"]["detail"] = {
+                "title": detail.get("title", "Error Detail"),
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}],
+            }
+    return spec
+
+
+class OpenAPIMiddleware:
+    """Serves :func:`openapi_document` at ``GET /docs.json``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") == "/docs.json" and scope.get(
+            "method"
+        ) in ("GET", "HEAD"):
+            await JSONResponse(openapi_document())(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 # -- GET /tasks ---------------------------------------------------------------------------
 async def _tasks_endpoint(request: Request) -> JSONResponse:
     try:
@@ -353,6 +414,8 @@ class HNetService:
 
 
 HNetService.add_asgi_middleware(BodyLimitMiddleware)
+HNetService.add_asgi_middleware(JsonBodyMiddleware)
+HNetService.add_asgi_middleware(OpenAPIMiddleware)
 
 
 def metrics_text(runtime: Runtime | None, requests: dict[str, int]) -> str:
@@ -391,4 +454,7 @@ def metrics_text(runtime: Runtime | None, requests: dict[str, int]) -> str:
     return generate_latest(registry).decode()
 
 
-__all__ = ["AdaptiveBatcher", "BodyLimitMiddleware", "HNetService", "metrics_text"]
+__all__ = [
+    "AdaptiveBatcher", "BodyLimitMiddleware", "HNetService", "JsonBodyMiddleware",
+    "OpenAPIMiddleware", "metrics_text", "openapi_document",
+]
