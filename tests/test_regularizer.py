@@ -66,19 +66,18 @@ def test_gram_equals_explicit_and_direct_generation(kind, chunk, lookahead):
     hn = model.hypernet
     frozen = copy.deepcopy(hn)
     snap = make_snapshot(hn, OLD)
+    uncached = make_snapshot(hn, OLD, max_cached_targets=0)  # regenerates targets every call
     perturb(hn)
     delta = random_delta(hn) if lookahead else None
 
+    assert snap.targets is not None and uncached.targets is None
     ref = reference(frozen, hn, OLD, delta)
-    gram = output_regularizer(hn, snap, delta=delta, method="gram")
-    explicit = output_regularizer(hn, snap, delta=delta, method="explicit")
     assert ref.item() > 1e-3  # the perturbation is real
-    assert gram.item() == pytest.approx(ref.item(), rel=1e-4)
-    assert explicit.item() == pytest.approx(ref.item(), rel=1e-4)
-
     g_ref = grads(hn, ref)
-    assert rel_err(grads(hn, gram), g_ref) < 1e-4
-    assert rel_err(grads(hn, explicit), g_ref) < 1e-4
+    for s, method in ((snap, "gram"), (snap, "explicit"), (uncached, "explicit")):
+        value = output_regularizer(hn, s, delta=delta, method=method)
+        assert value.item() == pytest.approx(ref.item(), rel=1e-4), method
+        assert rel_err(grads(hn, value), g_ref) < 1e-4, method
 
 
 @pytest.mark.parametrize("kind,chunk", CASES[:2])
@@ -172,7 +171,10 @@ def test_many_tasks_and_chunks_stay_accurate():
 
 def test_method_choice_and_errors():
     assert choose_method(pairs=9 * 27, width=26) == "gram"  # the paper's PermutedMNIST task 10
+    assert choose_method(pairs=9 * 27, width=26, cached_targets=True) == "gram"
     assert choose_method(pairs=3, width=26) == "explicit"
+    assert choose_method(pairs=45, width=26) == "gram"
+    assert choose_method(pairs=45, width=26, cached_targets=True) == "explicit"
     model = tiny_mlp_model(3)
     snap = make_snapshot(model.hypernet, [0, 1])
     with pytest.raises(ConfigError):
@@ -184,3 +186,9 @@ def test_method_choice_and_errors():
         output_regularizer(model.hypernet, snap, embeddings=torch.zeros(3, 6))
     with pytest.raises(InputError):
         make_snapshot(model.hypernet, [])
+    # subsets index the cached targets too
+    hn = model.hypernet
+    frozen = copy.deepcopy(hn)
+    perturb(hn)
+    sub = output_regularizer(hn, snap, subset=[1], method="explicit")
+    assert sub.item() == pytest.approx(reference(frozen, hn, [1]).item(), rel=1e-4)

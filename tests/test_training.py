@@ -16,7 +16,14 @@ from training.api import add_task, evaluate_checkpoint, load_benchmark, train_ta
 from training.config import TrainConfig, build_config
 from training.data import TaskData
 from training.evaluate import accuracy, continual_metrics, weight_drift
-from training.trainer import HNetMethod, Interrupted, adam_lookahead, make_method, run_tasks
+from training.trainer import (
+    HNetMethod,
+    Interrupted,
+    adam_lookahead,
+    make_adam,
+    make_method,
+    run_tasks,
+)
 
 TINY_ARCH = {
     "target": {"hidden": [16, 8]},
@@ -136,7 +143,7 @@ def test_regularizer_options_keep_old_tasks(tasks, options):
 
 def test_adam_lookahead_matches_a_real_adam_step():
     p = torch.nn.Parameter(torch.randn(5))
-    opt = torch.optim.Adam([p], lr=0.1)
+    opt = make_adam([p], lr=0.1)
     for _ in range(3):  # with state, then predict the 4th step
         opt.zero_grad()
         (p.sin().sum()).backward()

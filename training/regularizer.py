@@ -33,6 +33,9 @@ from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.hypernet import HyperNetwork
 
 RegMethod = Literal["auto", "gram", "explicit"]
+# The explicit form keeps the old tasks' generated weights when they fit in this many floats
+# (it then skips regenerating them every step); the Gram form never needs them.
+MAX_CACHED_TARGETS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Snapshot:
     gram_tail: torch.Tensor  # (d+1, d+1) G* over rows [rows_last, S) (zeros if not truncated)
     n_params: int
     rows_last: int  # rows of the output layer used by the last (truncated) chunk
+    targets: torch.Tensor | None = None  # (K, n) f_h(e_t, Θ*), kept when small (explicit form)
 
     @property
     def num_tasks(self) -> int:
@@ -67,14 +71,21 @@ def _head_matrix(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_snapshot(hnet: HyperNetwork, task_ids: list[int]) -> Snapshot:
-    """Freeze what the regularizer needs: old embeddings, their activations a*, W* and G*."""
+def make_snapshot(
+    hnet: HyperNetwork, task_ids: list[int], *, max_cached_targets: int = MAX_CACHED_TARGETS
+) -> Snapshot:
+    """Freeze what the regularizer needs: old embeddings, their activations a*, W* and G*
+    (and the old tasks' generated weights if they hold at most ``max_cached_targets`` floats).
+    """
     if not task_ids:
         raise InputError("a regularizer snapshot needs at least one old task")
     emb = hnet.embeddings(task_ids).detach().clone()  # (K, E)
     feats = _augment(hnet.features(emb))  # (K, C, d+1)
     head = _head_matrix(hnet.head.weight, hnet.head.bias).detach().clone()  # (S, d+1)
     r = hnet.n_params - (hnet.num_chunks - 1) * hnet.chunk_size
+    targets = None
+    if len(task_ids) * hnet.n_params <= max_cached_targets:
+        targets = hnet.project(hnet.features(emb)).detach().clone()  # (K, n)
     return Snapshot(
         task_ids=tuple(int(i) for i in task_ids),
         embeddings=emb,
@@ -84,6 +95,7 @@ def make_snapshot(hnet: HyperNetwork, task_ids: list[int]) -> Snapshot:
         gram_tail=head[r:].T @ head[r:],
         n_params=hnet.n_params,
         rows_last=r,
+        targets=targets,
     )
 
 
@@ -100,26 +112,32 @@ class _Features(nn.Module):
 
 def current_outputs(
     hnet: HyperNetwork, emb: torch.Tensor, delta: dict[str, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations ``(K, C, d+1)`` and output layer ``(S, d+1)`` at Θ (+ ΔΘ when given).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations ``(K, C, d)``, output weight ``(S, d)`` and bias ``(S,)`` at Θ (+ ΔΘ).
 
     ``delta`` maps parameter names of ``hnet`` (as in ``named_parameters``) to changes; names
     that are missing stay unchanged.
     """
     if not delta:
-        return _augment(hnet.features(emb)), _head_matrix(hnet.head.weight, hnet.head.bias)
+        return hnet.features(emb), hnet.head.weight, hnet.head.bias
     params = {
         f"hnet.{n}": p + delta[n] for n, p in hnet.named_parameters() if n in delta
     }
     feats = functional_call(_Features(hnet), params, (emb,))
     weight = hnet.head.weight + delta.get("head.weight", 0)
     bias = hnet.head.bias + delta.get("head.bias", 0)
-    return _augment(feats), _head_matrix(weight, bias)
+    return feats, weight, bias
 
 
-def choose_method(pairs: int, width: int) -> Literal["gram", "explicit"]:
-    """The cheaper form: explicit costs ~2·pairs·S·(d+1), Gram ~2·S·(d+1)² (+ pairs·(d+1)²)."""
-    return "gram" if pairs >= width else "explicit"
+def choose_method(pairs: int, width: int, cached_targets: bool = False
+                  ) -> Literal["gram", "explicit"]:
+    """The cheaper form for ``pairs`` (task, chunk) pairs and ``width`` = d + 1.
+
+    Forward plus backward, the explicit form costs ~3·pairs·S·width multiply-adds (plus
+    ~pairs·S·width to regenerate the targets when they are not cached), the Gram form
+    ~6·S·width² (plus pairs·width², negligible).
+    """
+    return "gram" if pairs >= (2 if cached_targets else 1.5) * width else "explicit"
 
 
 def _quad_sum(
@@ -149,16 +167,24 @@ def _gram_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor, w: torch.Te
     return total
 
 
-def _project(a: torch.Tensor, w: torch.Tensor, n_params: int) -> torch.Tensor:
-    """Flat weights from activations ``(K, C, d+1)`` and output layer ``(S, d+1)``: (K, n)."""
-    k = a.shape[0]
-    return (a @ w.T).reshape(k, -1)[:, :n_params]  # (K, C*S) -> (K, n)
+def _project(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_params: int
+             ) -> torch.Tensor:
+    """Flat weights from activations ``(K, C, d)`` and the output layer: ``(K, n)``."""
+    k, c, d = feats.shape
+    out = torch.addmm(bias, feats.reshape(k * c, d), weight.T)  # (K*C, S)
+    return out.reshape(k, -1)[:, :n_params]  # (K, C*S) -> (K, n)
 
 
-def _explicit_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        targets = _project(a_star, snap.head, snap.n_params)  # (K, n)
-    return (_project(a, w, snap.n_params) - targets).pow(2).sum()
+def _explicit_sum(
+    snap: Snapshot, feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    a_star: torch.Tensor, targets: torch.Tensor | None,
+) -> torch.Tensor:
+    if targets is None:
+        with torch.no_grad():
+            d = weight.shape[1]
+            targets = _project(a_star[..., :d], snap.head[:, :d], snap.head[:, d],
+                               snap.n_params)  # (K, n)
+    return (_project(feats, weight, bias, snap.n_params) - targets).pow(2).sum()
 
 
 def output_regularizer(
@@ -185,20 +211,21 @@ def output_regularizer(
         raise InputError(
             f"expected old embeddings {tuple(snapshot.embeddings.shape)}, got {tuple(emb.shape)}"
         )
-    a_star = snapshot.features
+    a_star, targets = snapshot.features, snapshot.targets
     if subset is not None:
         idx = torch.as_tensor(subset, dtype=torch.long)
         if idx.numel() == 0:
             raise InputError("the regularized subset of old tasks is empty")
         emb, a_star = emb[idx], a_star[idx]
+        targets = targets[idx] if targets is not None else None
     k = emb.shape[0]
-    a, w = current_outputs(hnet, emb, delta)
+    feats, weight, bias = current_outputs(hnet, emb, delta)
     if method == "auto":
-        method = choose_method(k * snapshot.num_chunks, a.shape[-1])
+        method = choose_method(k * snapshot.num_chunks, feats.shape[-1] + 1, targets is not None)
     if method == "gram":
-        total = _gram_sum(snapshot, a, a_star, w)
+        total = _gram_sum(snapshot, _augment(feats), a_star, _head_matrix(weight, bias))
     elif method == "explicit":
-        total = _explicit_sum(snapshot, a, a_star, w)
+        total = _explicit_sum(snapshot, feats, weight, bias, a_star, targets)
     else:
         raise ConfigError(f"unknown regularizer method {method!r} (auto, gram or explicit)")
     return total / k

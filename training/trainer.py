@@ -258,6 +258,15 @@ def _train_one(
 
 
 # -- the hypernetwork method ----------------------------------------------------------------
+def make_adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel where available (several times faster on CPU for the large
+    output layer of a hypernetwork; same update rule)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device/dtype without a fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
 @torch.no_grad()
 def adam_lookahead(
     optimizer: torch.optim.Adam, named: dict[str, torch.nn.Parameter]
@@ -331,7 +340,7 @@ class HNetMethod(ContinualMethod):
         params = [*hn.shared_parameters(), hn.task_embs[self.row]]
         if cfg.train_old_embeddings:
             params += [hn.task_embs[j] for j in old]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        self.optimizer = make_adam(params, cfg.lr)
         self._shared = {n: p for n, p in hn.named_parameters() if not n.startswith("task_embs")}
 
     def _subset(self) -> torch.Tensor | None:
