@@ -91,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iterations": 1000,
         "target": {"hidden": [100, 100]},
         "hypernet": {"kind": "chunked", "hidden": [50, 50], "chunk_size": 2000,
-                     "task_emb_dim": 32, "chunk_emb_dim": 32},
+                     "task_emb_dim": 24, "chunk_emb_dim": 8},
     },
     # Few, large chunks: 10 tasks x 3 chunks stay below the 51-dim span of the output layer, so
     # the tasks' weights do not compete for it (docs/benchmarks.md, Permuted Fashion-MNIST-10).
