@@ -141,8 +141,8 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
     manifest["content_hash"] = _content_hash(manifest, weights)
 
     tmp = temp_sibling(path)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         write_synced(tmp / WEIGHTS, weights)
         write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
         fsync_path(tmp)
@@ -158,6 +158,8 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
             os.rename(tmp, path)
             shutil.rmtree(old)
         fsync_path(path.parent)
+    except OSError as exc:  # a full disk, a read-only directory: a clean error, nothing written
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,7 +225,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
         # before anything is allocated, so a crafted manifest cannot request a huge model.
         with torch.device("meta"):
             probe = HNetModel(man.target, man.hypernet)
-    except (HNetError, ValidationError, ValueError, RuntimeError, OverflowError) as exc:
+    except (HNetError, ValidationError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
         raise CheckpointError(f"{path}: invalid configs or task registry ({exc})") from None
     _check_tensors(man, tensors, wpath)
     _check_registry(registry, man, path)

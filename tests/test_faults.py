@@ -1,18 +1,287 @@
-"""Faults (issue 7): one request that fails inside a batch fails alone: the requests batched
-with it are answered, and the service keeps answering afterwards."""
+"""Faults (issue 7): crashes, a full disk, corrupted artifacts and failing requests.
+
+* ``kill -9`` of ``hnet-serve add-task`` while it trains, while it writes the new checkpoint's
+  weights, and just before it renames the new checkpoint into place (and Ctrl-C while it
+  trains): the source checkpoint stays byte-identical, loads and serves identically, and
+  ``--out`` holds nothing.
+* A failed ``add-task`` (the disk fills up mid-write) is a clean error and leaves no partial
+  checkpoint, not even a temporary directory.
+* A truncated or bit-flipped ``weights.safetensors``: the service never becomes ready
+  (``/readyz`` 503, one log line naming the file and the reason) and answers no prediction;
+  also in a real ``bentoml serve`` process whose model-store copy rotted after import.
+* One request that fails inside a batch fails alone: the requests batched with it are answered,
+  and the service keeps answering afterwards.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+import torch
 
+import hnet_serve.checkpoint as ckpt
+from hnet_serve.checkpoint import WEIGHTS
+from hnet_serve.cli import main as cli_main
 from hnet_serve.runtime import Runtime
 from tests.test_service import mlp_checkpoint, start
+from tests.test_service_http import child_env, free_port, serving
+from tests.test_training import files_digest, make_task, save_npz, tiny_config
+from training.api import add_task, load_benchmark, train_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
+ROW = [0.25] * 12
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A trained checkpoint of tasks a, b (test data recorded), with c.npz beside it."""
+    d = tmp_path_factory.mktemp("faults")
+    files = [str(save_npz(d / f"{t.name}.npz", t)) for t in (make_task("a", 1), make_task("b", 2))]
+    save_npz(d / "c.npz", make_task("c", 3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_config(iterations=40, beta=1.0, data_files=files)
+        train_tasks(load_benchmark(cfg), cfg, d / "v1", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return d / "v1"
+
+
+def served(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """What a service on ``path`` answers: every task's probabilities and the inferred tasks."""
+    rt = Runtime.from_checkpoint(path)
+    x = np.random.default_rng(7).normal(size=(16, 12)).astype(np.float32)
+    probs = {t: rt.predict(t, x).probabilities for t in rt.task_names}
+    inferred = rt.predict(None, x)
+    probs["*"] = inferred.probabilities
+    return probs, inferred.tasks
+
+
+def assert_serves_identically(path: Path, before: tuple[dict[str, np.ndarray], list[str]]) -> None:
+    probs, tasks = served(path)
+    assert tasks == before[1] and probs.keys() == before[0].keys()
+    for name, p in probs.items():
+        assert np.array_equal(p, before[0][name]), name  # bit for bit
+
+
+# -- kill -9 during add-task ---------------------------------------------------------------------
+# Runs the real CLI (--force: the drift guarantee is tested elsewhere); "mid-write" and "before-rename" kill the process from inside at the two
+# moments of a save that matter (half of weights.safetensors on disk; the complete new
+# checkpoint in its temporary directory, not yet renamed into place).
+CLI_WITH_KILL_POINTS = """
+import functools, os, signal, sys
+import hnet_serve.checkpoint as ckpt
+import training.api
+
+def die(*_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+mode = sys.argv.pop(1)
+if mode == "mid-write":
+    write = ckpt.write_synced
+    def write_half_then_die(path, data, **kw):
+        if path.name == ckpt.WEIGHTS:
+            write(path, data[: len(data) // 2], **kw)
+            die()
+        write(path, data, **kw)
+    ckpt.write_synced = write_half_then_die
+elif mode == "before-rename":
+    training.api.save_checkpoint = functools.partial(ckpt.save_checkpoint, _before_swap=die)
+from hnet_serve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+TRAINING = re.compile(rb"\| *[1-9][0-9]*/[0-9]+ \[")  # tqdm: "| 12/1000000 [" (steps done)
+
+
+def run_add_task(source: Path, out: Path, mode: str, sig: signal.Signals | None,
+                 log: Path) -> int:
+    """Run ``hnet-serve add-task``; with ``sig``, send it once training has made progress."""
+    iterations = 1_000_000 if sig else 20  # a signalled run is stopped long before the end
+    cmd = [sys.executable, "-c", CLI_WITH_KILL_POINTS, mode, "add-task", str(source),
+           "--name", "c", "--data", str(source.parent / "c.npz"), "--out", str(out),
+           "--iterations", str(iterations), "--threads", "1", "--force"]
+    if sig is None:
+        cmd.append("--no-progress")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env)
+    try:
+        if sig is not None:
+            deadline = time.monotonic() + 120
+            while not TRAINING.search(log.read_bytes()):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"add-task did not train:\n{log.read_text()[-2000:]}")
+                time.sleep(0.05)
+            proc.send_signal(sig)
+        return proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+KILLS = [
+    ("SIGKILL while training", "plain", signal.SIGKILL, -9, 0),
+    ("Ctrl-C while training", "plain", signal.SIGINT, 130, 0),
+    ("SIGKILL mid-write of the weights", "mid-write", None, -9, 1),
+    ("SIGKILL before the rename", "before-rename", None, -9, 1),
+]
+
+
+@pytest.mark.parametrize(("case", "mode", "sig", "code", "temporaries"), KILLS,
+                         ids=[k[0] for k in KILLS])
+def test_killed_add_task_keeps_the_source_and_writes_no_checkpoint(source, tmp_path, case, mode,
+                                                                   sig, code, temporaries):
+    before_files, before_served = files_digest(source), served(source)
+    out = tmp_path / "v2"
+    assert run_add_task(source, out, mode, sig, tmp_path / "stderr.log") == code, (
+        (tmp_path / "stderr.log").read_text()[-2000:])
+    assert files_digest(source) == before_files
+    assert_serves_identically(source, before_served)
+    assert not out.exists()
+    # SIGKILL runs no cleanup: a save killed mid-way leaves its hidden temporary directory
+    # (never at --out, never read by anything); a run killed before saving leaves nothing.
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "stderr.log"]
+    assert len(leftovers) == temporaries and all(n.startswith(".v2.tmp-") for n in leftovers)
+    # The same command, run again, completes.
+    torch_threads = torch.get_num_threads()
+    try:
+        _, report = add_task(source, out, name="c", data=source.parent / "c.npz", iterations=20,
+                             force=True, progress=False)
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert report.saved and ckpt.load_checkpoint(out).task_names == ["a", "b", "c"]
+
+
+def test_disk_full_during_add_task_is_a_clean_error_and_leaves_nothing(source, tmp_path,
+                                                                      monkeypatch, capsys):
+    before = files_digest(source)
+    write = ckpt.write_synced
+
+    def write_until_full(path, data, **kw):
+        if path.name == WEIGHTS:
+            write(path, data[: len(data) // 3], **kw)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write(path, data, **kw)
+
+    monkeypatch.setattr(ckpt, "write_synced", write_until_full)
+    out = tmp_path / "v2"
+    threads = torch.get_num_threads()
+    try:
+        code = cli_main(["add-task", str(source), "--name", "c", "--data",
+                         str(source.parent / "c.npz"), "--out", str(out), "--iterations", "10",
+                         "--no-progress", "--threads", "1", "--force"])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and str(out) in err, err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary directory
+    assert files_digest(source) == before
+
+
+# -- corrupted weights: the service refuses to become ready -----------------------------------
+def corrupt_weights(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        del data[len(data) // 2:]
+    elif how == "bit flip in a tensor":
+        data[-10] ^= 0x01  # one bit of one float: still a valid safetensors file
+    else:  # "bit flip in the header": the JSON header no longer parses
+        data[8] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def prometheus_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prometheus")
+
+
+@pytest.mark.parametrize(("how", "reason"), [
+    ("truncated", "file truncated or corrupt"),
+    ("bit flip in a tensor", "file modified"),
+    ("bit flip in the header", "file truncated or corrupt"),
+])
+def test_corrupted_weights_keep_the_service_unready(monkeypatch, prometheus_dir, tmp_path,
+                                                    caplog, how, reason):
+    path = tmp_path / "ckpt"
+    mlp_checkpoint(path)
+    corrupt_weights(path / WEIGHTS, how)
+    with caplog.at_level(logging.ERROR, logger="bentoml.hnet_serve"), serving(
+        monkeypatch, prometheus_dir, ready=False, HNET_CHECKPOINT=path
+    ) as c:
+        deadline = time.monotonic() + 60
+        while "failed to load" not in c.get("/tasks").text and time.monotonic() < deadline:
+            assert c.get("/readyz").status_code == 503  # never ready, not even briefly
+            time.sleep(0.05)
+        assert c.get("/readyz").status_code == 503 and c.get("/livez").status_code == 200
+        r = c.post("/predict", json={"task": "task-0", "inputs": [ROW]})
+        assert r.status_code == 503 and reason in r.json()["error"]
+        assert "hnet_ready 0.0" in c.get("/metrics").text
+    lines = [r.getMessage() for r in caplog.records if "NOT READY" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0] and "content hash mismatch" in lines[0] and reason in lines[0]
+
+
+@pytest.mark.integration
+def test_rotten_model_store_copy_keeps_a_real_server_unready(tmp_path):
+    """``bentoml serve`` on a stored checkpoint whose weights rotted after the import."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    from hnet_serve.store import import_checkpoint
+
+    home = tmp_path / "bentoml"
+    (home / "models").mkdir(parents=True)
+    mlp_checkpoint(tmp_path / "ckpt")
+    with BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))):
+        tag = import_checkpoint(tmp_path / "ckpt")
+    stored = home / "models" / "hnet" / tag.split(":")[1] / "checkpoint" / WEIGHTS
+    corrupt_weights(stored, "bit flip in a tensor")
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**child_env(home), "HNET_MODEL_TAG": tag, "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "bentoml", "serve", "hnet_serve.service:HNetService",
+           "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while b"NOT READY" not in log.read_bytes():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                assert httpx.get(url + "/readyz", timeout=5).status_code == 503
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.2)
+        assert httpx.get(url + "/readyz", timeout=5).status_code == 503
+        assert httpx.get(url + "/livez", timeout=5).status_code == 200
+        r = httpx.post(url + "/predict", json={"task": "task-0", "inputs": [ROW]}, timeout=10)
+        assert r.status_code == 503 and "content hash mismatch (file modified)" in r.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    line = [ln for ln in log.read_text().splitlines() if "NOT READY" in ln]
+    assert len(line) == 1 and str(stored.parent) in line[0] and "file modified" in line[0], line
 
 
 # -- one failing request in a batch ----------------------------------------------------------
