@@ -22,6 +22,7 @@ import json
 import math
 import mmap
 import os
+import tokenize
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -199,6 +200,13 @@ def _column_values(arr: pa.Array, name: str, bad: dict[int, str]) -> np.ndarray:
     """One feature column -> float32 (n,), marking rows with missing/non-numeric values."""
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
+    t = arr.type
+    if pa.types.is_null(t):  # a column with no values at all
+        for i in range(len(arr)):
+            bad.setdefault(i, f"missing value in column {name!r}")
+        return np.zeros(len(arr), dtype=np.float32)
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or _is_numeric(t)):
+        raise InputError(f"feature column {name!r} has type {t}, expected numbers")
     if arr.null_count:
         for i in np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)).tolist():
             bad.setdefault(i, f"missing value in column {name!r}")
@@ -313,7 +321,9 @@ class _NpyStream:
                 else np.lib.format.read_array_header_2_0
             )
             self.shape, self.fortran, self.dtype = read_header(f)
-        except ValueError as exc:
+        # numpy parses the header with the tokenizer: garbage can raise any of these.
+        except (ValueError, SyntaxError, TypeError, OverflowError, EOFError,
+                tokenize.TokenError) as exc:
             raise InputError(f"{what}: not a valid .npy array ({exc})") from None
         if self.dtype.hasobject:
             raise InputError(f"{what}: object arrays need pickle, which is not loaded")
@@ -553,7 +563,14 @@ def _read_parquet(path: Path, input_shape: tuple[int, ...], batch_size: int, tas
         columns = Columns.resolve(names, width, task_column)
         wanted = columns.features + ([columns.task] if columns.task else [])
         start = 0
-        for batch in pf.iter_batches(batch_size=batch_size, columns=wanted):
+        batches = pf.iter_batches(batch_size=batch_size, columns=wanted)
+        while True:
+            try:  # corrupt pages only show up when they are decoded
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(f"{path}: corrupt Parquet data after row {start} ({exc})") from None
             yield table_chunk(batch, columns, width, start)
             start += batch.num_rows
 
