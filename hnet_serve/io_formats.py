@@ -23,7 +23,6 @@ import math
 import mmap
 import os
 import tokenize
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hnet_serve.errors import ConfigError, InputError
+from hnet_serve.fsutil import fsync_path, temp_sibling
 
 INPUT_SUFFIXES = (".npy", ".npz", ".csv", ".parquet")
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".npy")
@@ -672,7 +672,7 @@ class AtomicOutput:
             raise ConfigError(f"output directory {str(self.path.parent)!r} does not exist")
         if self.path.is_dir():
             raise ConfigError(f"output {str(self.path)!r} is a directory")
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp = temp_sibling(self.path)
         self.done = False
         self._closed = False
 
@@ -686,17 +686,9 @@ class AtomicOutput:
 
     def commit(self) -> None:
         self._close_once()
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(self.tmp)
         os.replace(self.tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_path(self.path.parent)
         self.done = True
 
     def abort(self) -> None:
