@@ -32,5 +32,10 @@ fashion-mnist:
 bench: $(STAMP) fashion-mnist
 	$(BIN)/python -m benchmarks.run_all
 
+## Long reliability runs (issue 7; the fast cases are in `make test`): the 60 s load test.
+.PHONY: reliability
+reliability: $(STAMP)
+	$(BIN)/python -m benchmarks.load_test
+
 clean:
 	rm -rf $(VENV) build *.egg-info
