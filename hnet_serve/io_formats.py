@@ -272,7 +272,12 @@ def task_values(arr: pa.Array) -> list[str | None]:
     """Per-row task names; null or empty means: infer the task."""
     arr = _unwrap(arr)
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = pc.cast(arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr, pa.string())
+        try:
+            arr = pc.cast(
+                arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr, pa.string()
+            )
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            raise InputError(f"the task column has type {arr.type}: expected task names") from None
     return [s or None for s in arr.to_pylist()]
 
 
@@ -556,7 +561,7 @@ def _read_parquet(path: Path, input_shape: tuple[int, ...], batch_size: int, tas
     try:
         # No pre-buffering: it would cache column chunks ahead (memory growing with the file).
         pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # garbled footers too
         raise InputError(f"{path}: not a valid Parquet file ({exc})") from None
     with pf:
         names = pf.schema_arrow.names
@@ -569,7 +574,7 @@ def _read_parquet(path: Path, input_shape: tuple[int, ...], batch_size: int, tas
                 batch = next(batches)
             except StopIteration:
                 break
-            except (pa.ArrowException, OSError) as exc:
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
                 raise InputError(f"{path}: corrupt Parquet data after row {start} ({exc})") from None
             yield table_chunk(batch, columns, width, start)
             start += batch.num_rows
