@@ -47,9 +47,10 @@ def with_test_rows(task: TaskData, n: int) -> TaskData:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=100)
-    ap.add_argument("--iterations", type=int, default=500, help="steps per task")
+    ap.add_argument("--iterations", type=int, default=300, help="steps per task")
     ap.add_argument("--loop-rows", type=int, default=500,
                     help="test examples per task for the in-loop accuracy matrix")
+    ap.add_argument("--beta", type=float, default=0.05, help="regularizer strength")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="5 tasks, 30 steps (smoke run)")
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     full = build_benchmark("permuted-mnist", "fashion-mnist", tasks=args.tasks, seed=args.seed)
     tasks = [with_test_rows(t, args.loop_rows) for t in full]
     cfg = build_config(benchmark="permuted-mnist", dataset="fashion-mnist", tasks=args.tasks,
-                       iterations=args.iterations, seed=args.seed, hypernet=HYPERNET)
+                       iterations=args.iterations, seed=args.seed, beta=args.beta,
+                       target={"hidden": [100, 100]}, hypernet=HYPERNET)
     method = make_method(cfg, tasks)
     model = method.model
     first = full[0]
