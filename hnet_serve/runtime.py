@@ -24,13 +24,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hnet_serve.backends import Group, make_backend, run_generated
+from hnet_serve.backends import Group, make_backend, nbytes_estimate, run_generated
 from hnet_serve.cache import WeightCache
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import TaskInfo
 
 MiB = 1024 * 1024
+# A batch (or a task inference) over more tasks than this many bytes of weights fetches and runs
+# them in steps: the cache bounds the weights it keeps, this bounds the ones alive for one
+# request, whatever the number of tasks or concurrent requests (docs/reliability.md).
+STEP_BYTES = 64 * MiB
 ENV_PREFIX = "HNET_"
 CONFIG_ENV = "HNET_CONFIG"
 
@@ -256,6 +260,7 @@ class Runtime:
         )
         self._input_shape = tuple(model.target_config.input_shape)
         self._input_size = math.prod(self._input_shape)
+        self._step_tasks = max(1, STEP_BYTES // max(1, nbytes_estimate(model)))
         start = list(dict.fromkeys([*self.config.pinned, *self.config.warm]))
         if start:
             self.cache.warm(start)
@@ -359,10 +364,9 @@ class Runtime:
         conf: np.ndarray | None = None
         parts: list[tuple[np.ndarray, np.ndarray]] = []  # (row indices, probabilities)
         if names:
-            entries = self.cache.get_many(names)
             idx = [np.asarray(rows_by_task[t]) for t in names]
             groups = [Group(infos[t], x[r] if len(r) < n else x) for t, r in zip(names, idx)]
-            logits = self.backend.logits([entries[t] for t in names], groups)
+            logits = self._logits(names, groups)
             for t, r, z in zip(names, idx, logits):
                 parts.append((r, softmax(z)))
                 for i in r:
@@ -382,12 +386,22 @@ class Runtime:
             preds[r] = p.argmax(1)
         return Prediction(out_tasks, preds, probs, inferred=conf is not None, confidence=conf)
 
+    def _logits(self, names: list[str], groups: list[Group]) -> list[np.ndarray]:
+        """Each group's logits under its task (``names`` unique), in steps of at most
+        ``STEP_BYTES`` of weights; each step's missing tasks are generated in one batched call."""
+        out: list[np.ndarray] = []
+        for i in range(0, len(names), self._step_tasks):
+            step = names[i : i + self._step_tasks]
+            entries = self.cache.get_many(step)
+            out += self.backend.logits([entries[t] for t in step], groups[i : i + len(step)])
+            del entries  # released before the next step is generated
+        return out
+
     def _infer(self, x: np.ndarray) -> Prediction:
         """HNET+ENT over every task, with the candidates' weights/sessions from the cache."""
         names = self.task_names
         infos = [self.task(t) for t in names]
-        entries = self.cache.get_many(names)  # missing ones generated in one batched call
-        logits = self.backend.logits([entries[t] for t in names], [Group(i, x) for i in infos])
+        logits = self._logits(names, [Group(i, x) for i in infos])
         choice = select_by_entropy(logits, self.config.temperature)
         c_max = self.output_classes(None)
         probs = np.zeros((x.shape[0], c_max), dtype=np.float32)

@@ -11,6 +11,9 @@
   also in a real ``bentoml serve`` process whose model-store copy rotted after import.
 * One request that fails inside a batch fails alone: the requests batched with it are answered,
   and the service keeps answering afterwards.
+* A batch or a task inference over many more tasks than the cache holds keeps a bounded number
+  of generated weights alive at once (what keeps the server's memory within the cache budget
+  plus a fixed overhead; measured under load by benchmarks/load_test.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -32,9 +36,11 @@ import pytest
 import torch
 
 import hnet_serve.checkpoint as ckpt
+from hnet_serve import backends, runtime
 from hnet_serve.checkpoint import WEIGHTS
 from hnet_serve.cli import main as cli_main
-from hnet_serve.runtime import Runtime
+from hnet_serve.runtime import Runtime, ServingConfig
+from tests.conftest import tiny_mlp_model
 from tests.test_service import mlp_checkpoint, start
 from tests.test_service_http import child_env, free_port, serving
 from tests.test_training import files_digest, make_task, save_npz, tiny_config
@@ -83,7 +89,9 @@ def assert_serves_identically(path: Path, before: tuple[dict[str, np.ndarray], l
 # checkpoint in its temporary directory, not yet renamed into place).
 CLI_WITH_KILL_POINTS = """
 import functools, os, signal, sys
+import hnet_serve.backends as backends
 import hnet_serve.checkpoint as ckpt
+import hnet_serve.runtime as runtime
 import training.api
 
 def die(*_):
@@ -333,3 +341,36 @@ def test_one_failing_request_fails_alone_and_the_service_keeps_answering(monkeyp
     assert again["predictions"] == ref.predict("task-2", xs[2]).predictions.tolist()
     assert svc.__is_ready__()
     svc.batcher.close()
+
+
+# -- bounded working memory ---------------------------------------------------------------------
+def test_generated_weights_alive_at_once_stay_bounded(monkeypatch):
+    """12 tasks, a cache of 2 and a step of 3 tasks: task inference and a batch over every task
+    never hold more than 2 + 3 tasks' generated weights at once (all 12 before the fix), and
+    answer exactly like a runtime that holds them all."""
+    model = tiny_mlp_model(12)
+    task_bytes = backends.nbytes_estimate(model)
+    big = Runtime(model, ServingConfig(cache_bytes=2**30))
+    big.cache.warm(model.task_names)  # the reference holds every task, generated untracked
+    monkeypatch.setattr(runtime, "STEP_BYTES", 3 * task_bytes)
+    small = Runtime(model, ServingConfig(cache_bytes=2 * task_bytes))
+    alive: list[weakref.ref] = []
+    peak = [0]
+    generate = backends.generate_weights
+
+    def tracked(model, names):
+        rows = generate(model, names)
+        alive.extend(weakref.ref(w) for w in rows)
+        peak[0] = max(peak[0], sum(r() is not None for r in alive))
+        return rows
+
+    monkeypatch.setattr(backends, "generate_weights", tracked)
+    x = np.random.default_rng(3).normal(size=(24, 12)).astype(np.float32)
+    got, want = small.predict(None, x), big.predict(None, x)
+    assert got.tasks == want.tasks
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
+    tasks = [model.task_names[i % 12] for i in range(24)]
+    got, want = small.predict_mixed(tasks, x), big.predict_mixed(tasks, x)
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
+    assert small.cache.stats()["evictions"] >= 10
+    assert peak[0] <= 2 + 3, peak[0]
