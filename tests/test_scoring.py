@@ -504,7 +504,10 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     rt = Runtime(tiny_mlp_model(2, input_size=256, hidden=(32,)))
     peak_of(small)  # warm up every code path and allocator pool
     base = peak_of(small)
-    print(json.dumps({"base": base, "growth": peak_of(large) - base}))
+    # The smaller of two runs: allocator pools release memory on their own schedule, which
+    # only ever adds noise upwards (seen on loaded machines: +8 MB once for CSV).
+    large_peak = min(peak_of(large), peak_of(large))
+    print(json.dumps({"base": base, "growth": large_peak - base}))
 """)
 
 
