@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML/JSON serving config file (HNET_CONFIG)")
     p.add_argument("--json", action="store_true",
                    help="print the imported model tag and URL as JSON before serving")
+    p.add_argument("--import-only", action="store_true",
+                   help="only import the checkpoint into the BentoML model store and print its "
+                   "tag (then: HNET_MODEL_TAG=<tag> bentoml build)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -113,6 +116,16 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from hnet_serve.cli import print_json
+
+    if args.import_only:
+        from hnet_serve.store import import_checkpoint
+
+        tag = import_checkpoint(args.checkpoint)
+        if args.json:
+            print_json({"model_tag": tag})
+        else:
+            print(tag)
+        return 0
 
     server = start_server(args.checkpoint, host=args.host, port=args.port, args=args)
     if args.json:

@@ -292,12 +292,9 @@ def test_bentoml_build_packs_the_checkpoint(checkpoint, bentoml_home, tmp_path):
     env = child_env(bentoml_home)
     tag = f"hnet:{checkpoint_hash(checkpoint)[:16]}"
     env["HNET_MODEL_TAG"] = tag
-    # Import (idempotent if the serve test already did) and build in one child process.
-    script = (
-        "import sys; from hnet_serve.store import import_checkpoint; "
-        "print(import_checkpoint(sys.argv[1]))"
-    )
-    done = run([sys.executable, "-c", script, str(checkpoint)], env)
+    # The README's steps: `hnet-serve serve DIR --import-only` (idempotent), then `bentoml build`.
+    exe = str(Path(sys.executable).with_name("hnet-serve"))
+    done = run([exe, "serve", str(checkpoint), "--import-only"], env)
     assert done.returncode == 0 and done.stdout.strip() == tag, done.stderr[-2000:]
     build = run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], env)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
