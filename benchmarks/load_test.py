@@ -8,17 +8,19 @@ asyncio httpx clients (one connection each, a new request as soon as the last on
 post 1-8 rows per request:
 
 * **baseline** phase: hot tasks only (always cached), the same clients;
-* **mixed** phase: 60 % hot tasks, 38 % the 28 cold tasks (a cache of 8 free slots for 28 tasks:
-  most cold requests miss and evict), 2 % deliberately bad requests (an unknown task, a row of
-  the wrong length) that must get their 404 / 400.
+* **mixed** phase: 60 % hot tasks, 37 % the 28 cold tasks (a cache of 8 free slots for 28 tasks:
+  most cold requests miss and evict), 1 % without a task (task inference runs every task: 32
+  tasks through a 12-task cache), 2 % deliberately bad requests (an unknown task, a row of the
+  wrong length) that must get their 404 / 400.
 
 Every answer is checked: an error is any transport failure or any status other than the
 expected one; a wrong answer is a 200 whose probabilities differ from the reference runtime's
 (computed in this process) by more than 1e-4. Resident memory (RSS) of the server's process
 tree (``hnet-serve serve`` -> ``bentoml serve`` -> worker) is sampled every 0.2 s with psutil;
-the worker holds the cache, so its peak must stay within its RSS at readiness + the configured
-cache bytes + a fixed allowance (``--allowance-mib``) for the batch being generated and
-allocator slack. Exits 1 if any check fails; writes its tables to docs/benchmarks.md ("load").
+the worker holds the cache, so its peak must stay within its RSS at readiness (pinned tasks
+generated) + the unpinned cache bytes + a fixed allowance: two generation steps
+(``hnet_serve.runtime.STEP_BYTES``: a step's generated batch and its per-task copies) + 128 MiB
+of allocator slack and request buffers (``--slack-mib``). Exits 1 if any check fails; writes its tables to docs/benchmarks.md ("load").
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Body:
     """One prepared request: its bytes, its class and the answer it must get."""
 
     data: bytes
-    kind: str  # "hot", "cold" or "bad"
+    kind: str  # "hot", "cold", "inferred" or "bad"
     status: int
     probabilities: np.ndarray | None = None  # (rows, classes) expected for a 200
 
@@ -92,7 +94,7 @@ def build_bodies(model, hot: list[str], cold: list[str], mix: dict[str, float], 
                 payload, status = {"task": rng.choice(hot), "inputs": [[0.5] * (INPUT - 1)]}, 400
             bodies.append(Body(json.dumps(payload).encode(), kind, status))
             continue
-        task = rng.choice(hot if kind == "hot" else cold)
+        task = None if kind == "inferred" else rng.choice(hot if kind == "hot" else cold)
         probs = ref.predict(task, rows).probabilities
         bodies.append(Body(json.dumps({"task": task, "inputs": rows.tolist()}).encode(), kind,
                            200, probs))
@@ -106,7 +108,11 @@ async def run_phase(name: str, url: str, bodies: list[Body], clients: int,
 
     result = PhaseResult(name, seconds)
     stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # Idle connections expire on the client before the server's keep-alive timeout (uvicorn:
+    # 5 s, httpx's default expiry too): reusing one the server is closing at that very moment
+    # fails with a ReadError the server never saw (docs/reliability.md).
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients,
+                          keepalive_expiry=2.0)
     headers = {"content-type": "application/json"}
 
     def fail(message: str) -> None:
@@ -158,6 +164,11 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def worker(self) -> int:
+        """The pid of the worker: the tree's largest process (it holds the runtime)."""
+        procs = [self.root, *self.root.children(recursive=True)]
+        return max(procs, key=lambda p: p.memory_info().rss).pid
+
     def measure(self) -> tuple[int, int]:
         """(RSS of the whole tree, RSS of the worker: the tree's largest process)."""
         import psutil
@@ -186,6 +197,23 @@ class RssSampler:
         return max(s[1] for s in picked), max(s[2] for s in picked)
 
 
+def reset_peak(pid: int) -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of ``pid`` (Linux >= 4.0); False if refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss(pid: int) -> int:
+    """The kernel's peak RSS (VmHWM) of ``pid`` since its start or last reset, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
 def server_pid() -> int:
     """The ``hnet-serve serve`` child this process started (``bench_serving.server``)."""
     import psutil
@@ -203,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.bench_serving import build_model, free_port, server
     from hnet_serve.backends import nbytes_estimate
     from hnet_serve.checkpoint import save_checkpoint
+    from hnet_serve.runtime import STEP_BYTES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short smoke run (10 s)")
@@ -211,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=32)
     p.add_argument("--hot", type=int, default=4, help="pinned tasks")
     p.add_argument("--cache-tasks", type=int, default=12, help="cache size, in tasks")
-    p.add_argument("--allowance-mib", type=float, default=256.0,
-                   help="fixed RSS allowance over readiness + cache bytes (MiB)")
+    p.add_argument("--slack-mib", type=float, default=128.0,
+                   help="allocator slack in the RSS allowance (MiB), on top of 2 x STEP_BYTES")
     args = p.parse_args(argv)
     seconds = args.seconds or (10.0 if args.quick else 60.0)
     baseline_seconds = min(15.0, seconds / 4)
@@ -226,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.cache_tasks} tasks, {args.hot} pinned)", flush=True)
     t0 = time.perf_counter()
     baseline_bodies = build_bodies(model, hot, cold, {"hot": 1.0}, 128, seed=1)
-    mixed_bodies = build_bodies(model, hot, cold, {"hot": 0.60, "cold": 0.38, "bad": 0.02}, 512,
-                                seed=2)
+    mix = {"hot": 0.60, "cold": 0.37, "inferred": 0.01, "bad": 0.02}
+    mixed_bodies = build_bodies(model, hot, cold, mix, 512, seed=2)
     print(f"reference answers for {len(baseline_bodies) + len(mixed_bodies)} bodies in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -247,20 +276,29 @@ def main(argv: list[str] | None = None) -> int:
         sampler.start()
         base = asyncio.run(run_phase("baseline: hot tasks only (cached)", url, baseline_bodies,
                                      args.clients, baseline_seconds))
+        worker = sampler.worker()
+        exact = reset_peak(worker)
         mixed_start = time.perf_counter()
-        mixed = asyncio.run(run_phase("mixed: hot + cold (evicting) + 2 % bad", url,
+        mixed = asyncio.run(run_phase("mixed: hot + cold (evicting) + inferred + bad", url,
                                       mixed_bodies, args.clients, seconds))
         sampler.stop()
+        if exact:
+            hwm = peak_rss(worker)
         stats = httpx.get(url + "/tasks", timeout=30).json()["cache"]
     peak_tree, peak_worker = sampler.peak(since=mixed_start)
-    allowance = int(args.allowance_mib * MiB)
-    limit = ready_worker + cache_bytes + allowance
+    if exact:  # the kernel's high-water mark catches peaks between two samples
+        peak_worker = max(peak_worker, hwm)
+    allowance = 2 * STEP_BYTES + int(args.slack_mib * MiB)
+    limit = ready_worker + (cache_bytes - stats["pinned_bytes"]) + allowance
     # Growth over the mixed phase: the worker's peak in its last third vs. its first third.
     third = seconds / 3
     early = max((s[2] for s in sampler.samples if mixed_start <= s[0] < mixed_start + third),
                 default=0)
     late = max((s[2] for s in sampler.samples if s[0] >= mixed_start + 2 * third), default=0)
 
+    windows = [max((s[2] for s in sampler.samples
+                    if mixed_start + w <= s[0] < mixed_start + w + 10), default=0)
+               for w in range(0, int(seconds), 10)]
     ok_errors = base.errors == 0 and mixed.errors == 0 and base.wrong == 0 and mixed.wrong == 0
     ok_memory = peak_worker <= limit
     ok_evictions = stats["evictions"] > 0 and stats["bytes"] <= stats["capacity_bytes"]
@@ -282,18 +320,21 @@ def main(argv: list[str] | None = None) -> int:
                      phase.errors, phase.wrong, ms(phase.percentile(0.5)),
                      ms(phase.percentile(0.99)), ms(phase.percentile(0.5, "hot")),
                      ms(phase.percentile(0.99, "hot")), ms(phase.percentile(0.5, "cold")),
-                     ms(phase.percentile(0.99, "cold"))])
+                     ms(phase.percentile(0.99, "cold")), ms(phase.percentile(0.5, "inferred"))])
     ratio_tp = (mixed.requests / mixed.seconds) / max(1e-9, base.requests / base.seconds)
     ratio_p50 = mixed.percentile(0.5) / base.percentile(0.5)
     mem_rows = [
         ["configured cache", f"{cache_bytes / MiB:.1f}"],
         ["worker RSS at readiness (pinned tasks generated)", f"{ready_worker / MiB:.1f}"],
-        ["worker RSS peak, mixed phase", f"{peak_worker / MiB:.1f}"],
+        [f"worker RSS peak, mixed phase ({'kernel VmHWM' if exact else 'sampled'})",
+         f"{peak_worker / MiB:.1f}"],
         ["worker peak - readiness", f"{(peak_worker - ready_worker) / MiB:.1f}"],
-        [f"limit: readiness + cache + {args.allowance_mib:.0f} MiB allowance",
+        [(f"limit: readiness + unpinned cache + 2 x {STEP_BYTES / MiB:.0f} MiB steps + "
+          f"{args.slack_mib:.0f} MiB slack"),
          f"{limit / MiB:.1f} ({'within' if ok_memory else 'EXCEEDED'})"],
         ["worker peak, first / last third of the mixed phase",
          f"{early / MiB:.1f} / {late / MiB:.1f}"],
+        ["worker sampled peak per 10 s of the mixed phase", " / ".join(f"{w / MiB:.0f}" for w in windows)],
         ["server tree RSS at readiness / peak (3 processes)",
          f"{ready_tree / MiB:.1f} / {peak_tree / MiB:.1f}"],
     ]
@@ -310,11 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         f"({task_bytes / MiB:.1f} MiB of weights each); cache {args.cache_tasks} tasks "
         f"({cache_bytes / MiB:.1f} MiB), {args.hot} of them pinned (hot). Baseline phase "
         f"{baseline_seconds:.0f} s of hot tasks only; mixed phase {seconds:.0f} s: 60 % hot, "
-        f"38 % the {len(cold)} cold tasks (evictions), 2 % bad requests that must get 404/400. "
+        f"37 % the {len(cold)} cold tasks (evictions), 1 % task inference (all {args.tasks} "
+        "tasks), 2 % bad requests that must get 404/400. "
         "Errors: transport failures or unexpected statuses; wrong: 200s whose probabilities "
         "differ from the reference runtime's by > 1e-4.\n\n"
         + table(["phase", "req/s", "requests", "errors", "wrong", "p50 (ms)", "p99 (ms)",
-                 "hot p50", "hot p99", "cold p50", "cold p99"], rows)
+                 "hot p50", "hot p99", "cold p50", "cold p99", "inferred p50"], rows)
         + f"\nMixed vs baseline: throughput {ratio_tp:.2f}x, p50 latency {ratio_p50:.2f}x.\n\n"
         "**Memory** (RSS sampled every 0.2 s with psutil; the worker process holds the "
         "cache):\n\n" + table(["measure", "MiB"], mem_rows)

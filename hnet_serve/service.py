@@ -26,6 +26,8 @@ behind the public endpoint, without BentoML's self-call HTTP hop (see docs/servi
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import os
 import threading
@@ -133,6 +135,14 @@ class AdaptiveBatcher:
                         p.future.set_result(result)
 
     def _execute(self, batch: list[_Pending]) -> list[Prediction | Exception]:
+        generated = self.runtime.cache.stats()["generated"]
+        try:
+            return self._predict(batch)
+        finally:
+            if self.runtime.cache.stats()["generated"] != generated:
+                release_free_memory()  # this batch generated (and so evicted) weights
+
+    def _predict(self, batch: list[_Pending]) -> list[Prediction | Exception]:
         if len(batch) == 1:
             return [self._execute_one(batch[0])]
         tasks = [p.task for p in batch for _ in range(p.x.shape[0])]
@@ -152,6 +162,27 @@ class AdaptiveBatcher:
         if self._worker is not None:
             self._worker.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Generated weights are large and short-lived, and glibc keeps such freed blocks in its heap:
+    in the 60 s load test (benchmarks/load_test.py) the worker's peak RSS rose 355 MiB over its
+    RSS at readiness without a trim after the batches that generate, 270 MiB with it (for an
+    82 MiB cache). A trim costs about a millisecond; a generation, tens of milliseconds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def split_prediction(runtime: Runtime, mixed: Prediction, batch: list[_Pending]) -> list[Prediction]:

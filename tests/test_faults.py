@@ -374,3 +374,23 @@ def test_generated_weights_alive_at_once_stay_bounded(monkeypatch):
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
     assert small.cache.stats()["evictions"] >= 10
     assert peak[0] <= 2 + 3, peak[0]
+
+
+def test_batches_that_generate_hand_freed_memory_back(monkeypatch, tmp_path):
+    """After a batch that generated weights (a miss, so evictions), the service trims the heap;
+    after a batch of cache hits it does not (the hit path stays free of that cost)."""
+    from hnet_serve import service
+
+    service.release_free_memory()  # the real call works here (glibc) or is a no-op
+    path = tmp_path / "ckpt"
+    mlp_checkpoint(path)
+    calls: list[int] = []
+    monkeypatch.setattr(service, "release_free_memory", lambda: calls.append(1))
+    batcher = service.AdaptiveBatcher(Runtime.from_checkpoint(path))
+    x = np.zeros((2, 12), np.float32)
+    asyncio.run(batcher.predict("task-0", x))  # a miss: task-0 generated
+    asyncio.run(batcher.predict("task-0", x))  # a hit
+    assert calls == [1]
+    asyncio.run(batcher.predict("task-1", x))
+    assert calls == [1, 1]
+    batcher.close()
