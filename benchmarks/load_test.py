@@ -16,11 +16,14 @@ post 1-8 rows per request:
 Every answer is checked: an error is any transport failure or any status other than the
 expected one; a wrong answer is a 200 whose probabilities differ from the reference runtime's
 (computed in this process) by more than 1e-4. Resident memory (RSS) of the server's process
-tree (``hnet-serve serve`` -> ``bentoml serve`` -> worker) is sampled every 0.2 s with psutil;
-the worker holds the cache, so its peak must stay within its RSS at readiness (pinned tasks
+tree (``hnet-serve serve`` -> ``bentoml serve`` -> worker) is sampled every 0.2 s with psutil,
+and the worker's exact peak read from the kernel (VmHWM, reset when the mixed phase starts).
+The worker holds the cache, so its peak must stay within its RSS at readiness (pinned tasks
 generated) + the unpinned cache bytes + a fixed allowance: two generation steps
 (``hnet_serve.runtime.STEP_BYTES``: a step's generated batch and its per-task copies) + 128 MiB
-of allocator slack and request buffers (``--slack-mib``). Exits 1 if any check fails; writes its tables to docs/benchmarks.md ("load").
+of allocator slack and request buffers (``--slack-mib``).
+
+Exits 1 if any check fails; writes its tables to docs/benchmarks.md (section "load").
 """
 
 from __future__ import annotations
@@ -334,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{limit / MiB:.1f} ({'within' if ok_memory else 'EXCEEDED'})"],
         ["worker peak, first / last third of the mixed phase",
          f"{early / MiB:.1f} / {late / MiB:.1f}"],
-        ["worker sampled peak per 10 s of the mixed phase", " / ".join(f"{w / MiB:.0f}" for w in windows)],
+        ["worker sampled peak per 10 s of the mixed phase",
+         " / ".join(f"{w / MiB:.0f}" for w in windows)],
         ["server tree RSS at readiness / peak (3 processes)",
          f"{ready_tree / MiB:.1f} / {peak_tree / MiB:.1f}"],
     ]

@@ -84,9 +84,10 @@ def assert_serves_identically(path: Path, before: tuple[dict[str, np.ndarray], l
 
 
 # -- kill -9 during add-task ---------------------------------------------------------------------
-# Runs the real CLI (--force: the drift guarantee is tested elsewhere); "mid-write" and "before-rename" kill the process from inside at the two
-# moments of a save that matter (half of weights.safetensors on disk; the complete new
-# checkpoint in its temporary directory, not yet renamed into place).
+# Runs the real CLI (--force: the drift guarantee is tested elsewhere). "mid-write" and
+# "before-rename" kill the process from inside at the two moments of a save that matter (half of
+# weights.safetensors on disk; the complete new checkpoint in its temporary directory, not yet
+# renamed into place).
 CLI_WITH_KILL_POINTS = """
 import functools, os, signal, sys
 import hnet_serve.backends as backends
