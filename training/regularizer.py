@@ -149,18 +149,21 @@ def _quad_sum(
 
 def _gram_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     r = snap.rows_last
-    w_star = snap.head  # (S, d+1)
-    d = w - w_star  # (S, d+1)
-    m_head = w_star[:r].T @ d[:r]  # (d+1, d+1) W*ᵀ D over the last chunk's rows
-    n_head = d[:r].T @ d[:r]
+    rows = w.shape[0]
+    # One split (its backward is a single concatenation) rather than slices, whose backward
+    # zero-fills and copies the whole (S, d+1) gradient once per slice.
+    d_head, d_tail = torch.split(w - snap.head, [r, rows - r])  # D = Ŵ - W*, (S, d+1)
+    w_head, w_tail = torch.split(snap.head, [r, rows - r])
+    m_head = w_head.T @ d_head  # (d+1, d+1) W*ᵀ D over the last chunk's rows
+    n_head = d_head.T @ d_head
     dlt = a - a_star  # (K, C, d+1)
     width = a.shape[-1]
     # The last chunk keeps only its first r rows.
     total = _quad_sum(snap.gram_head, m_head, n_head,
                       dlt[:, -1].reshape(-1, width), a[:, -1].reshape(-1, width))
     if snap.num_chunks > 1:
-        m_full = m_head + w_star[r:].T @ d[r:]
-        n_full = n_head + d[r:].T @ d[r:]
+        m_full = m_head + w_tail.T @ d_tail
+        n_full = n_head + d_tail.T @ d_tail
         g_full = snap.gram_head + snap.gram_tail
         total = total + _quad_sum(g_full, m_full, n_full,
                                   dlt[:, :-1].reshape(-1, width), a[:, :-1].reshape(-1, width))
