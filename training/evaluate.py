@@ -174,7 +174,9 @@ def plot_accuracy_matrix(
                 data[i, j] = 100 * v
     size = max(4.0, 0.5 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    im = ax.imshow(data, cmap="viridis", vmin=np.nanmin(data) if t else 0, vmax=100)
+    lo = float(np.nanmin(data)) if t else 0.0
+    hi = max(float(np.nanmax(data)) if t else 100.0, lo + 1.0)  # contrast for close values
+    im = ax.imshow(data, cmap="viridis", vmin=lo, vmax=hi)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(t), names[:t], fontsize=8)
     ax.set_xlabel("evaluated on task")
@@ -184,7 +186,7 @@ def plot_accuracy_matrix(
             for j in range(len(names)):
                 if not np.isnan(data[i, j]):
                     ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=7,
-                            color="white" if data[i, j] < np.nanmean(data) else "black")
+                            color="white" if data[i, j] < (lo + hi) / 2 else "black")
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     ax.set_title(title or "accuracy matrix R[i][j]")
     fig.tight_layout()
