@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         "**Training task 10 (9 old tasks regularized)**, ms per step. Goal: >= 3x.\n\n"
         + table(["lookahead", "ours (ms)", "hypnettorch (ms)", "speed-up"], speed_rows)
         + "\n**The regularizer alone** (9 old tasks, forward + backward), ms. `auto` picks "
-        f"the Gram form here ({9 * n_chunks} (task, chunk) pairs > d + 1 = 26).\n\n"
+        f"the Gram form here ({9 * n_chunks} (task, chunk) pairs >= 2(d + 1) = 52; see "
+        "`training.regularizer.choose_method`).\n\n"
         + table(["form", "ms", "vs hypnettorch"], reg_rows)
         + f"\n**Long sequences**: PermutedMNIST-{long_tasks}, same configuration, every old "
         f"task regularized every step ({pairs:,} (task, chunk) pairs at task {long_tasks}). "
