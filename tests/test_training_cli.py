@@ -71,6 +71,10 @@ def test_train_split_mnist_interface(capsys, tmp_path):
     ev = run_json(capsys, "eval", out, "--json")
     assert ev["accuracy"] == pytest.approx(summary["accuracy"])
     assert ev["mean_accuracy"] == pytest.approx(summary["mean_accuracy"])
+    # the same data named explicitly; a task the checkpoint lacks is ignored
+    ev2 = run_json(capsys, "eval", out, "--benchmark", "split-mnist", "--dataset", "mnist5k",
+                   "--tasks", "3", "--json")
+    assert ev2["accuracy"] == pytest.approx(summary["accuracy"])
 
     code, _, err = run(capsys, "train", "--benchmark", "split-mnist", "--tasks", "1",
                        "--iterations", "1", "--out", out, *TINY)
@@ -82,6 +86,16 @@ def test_eval_human_output_and_report(capsys, custom_ckpt, tmp_path):
     assert code == 0 and "mean accuracy" in out and "a " in out
     assert (tmp_path / "rep" / "eval.json").is_file()
     assert (tmp_path / "rep" / "embeddings.png").is_file()
+
+
+def test_eval_on_a_given_file(capsys, custom_ckpt, npz_files):
+    ev = run_json(capsys, "eval", custom_ckpt, "--data", npz_files["a"], "--task", "a", "--json")
+    assert set(ev["accuracy"]) == {"a"} and set(ev["missing"]) == {"b"}
+    code, _, err = run(capsys, "eval", custom_ckpt, "--data", npz_files["a"])
+    assert code == 1 and "--task" in err
+    wide = save_npz(npz_files["a"].parent / "wide.npz", make_task("w", 5, dim=7))
+    code, _, err = run(capsys, "eval", custom_ckpt, "--data", wide, "--task", "a")
+    assert code == 1 and "do not match" in err
 
 
 def test_add_task_json_contract(capsys, custom_ckpt, npz_files, tmp_path):
