@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 
 import hnet_serve  # noqa: F401  (sets the allocator knob before any tensor is created)
+from hnet_serve.hypernet import HypernetConfig
+from hnet_serve.model import HNetModel
+from hnet_serve.targets import MLPConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -77,3 +80,17 @@ def write_section(name: str, body: str, *, doc: Path = DOC) -> None:
         tmp = doc.with_suffix(".md.tmp")
         tmp.write_text(text)
         os.replace(tmp, doc)
+
+
+def pmnist_model(n_tasks: int, prefix: str = "pmnist") -> HNetModel:
+    """The paper's PermutedMNIST-10 sizes: MLP 784-1000-1000-10 target, chunked hypernetwork
+    (chunk 78,000, hidden 25-25, task embedding 24, chunk embedding 8), ``n_tasks`` tasks."""
+    model = HNetModel(
+        MLPConfig(input_shape=(784,), hidden=[1000, 1000], num_classes=10),
+        HypernetConfig(kind="chunked", hidden=[25, 25], task_emb_dim=24, chunk_emb_dim=8,
+                       chunk_size=78_000),
+        seed=0,
+    )
+    for i in range(n_tasks):
+        model.add_task(f"{prefix}-{i}")
+    return model

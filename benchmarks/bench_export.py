@@ -30,25 +30,11 @@ import numpy as np
 import torch
 
 import export
-from benchmarks._report import machine, table, timeit, write_section
+from benchmarks._report import machine, pmnist_model, table, timeit, write_section
 from export.verify import session
 from hnet_serve.checkpoint import save_checkpoint
-from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
 from hnet_serve.onnx_graph import TaskGraph
-from hnet_serve.targets import MLPConfig
-
-
-def build_model(n_tasks: int) -> HNetModel:
-    model = HNetModel(
-        MLPConfig(input_shape=(784,), hidden=[1000, 1000], num_classes=10),
-        HypernetConfig(kind="chunked", hidden=[25, 25], task_emb_dim=24, chunk_emb_dim=8,
-                       chunk_size=78_000),
-        seed=0,
-    )
-    for i in range(n_tasks):
-        model.add_task(f"pmnist-{i}")
-    return model
 
 
 def best_of(fn, repeat: int, number: int = 5) -> float:
@@ -134,7 +120,7 @@ def main() -> None:
     threads = args.threads
     torch.set_num_threads(threads)
 
-    model = build_model(n_tasks)
+    model = pmnist_model(n_tasks)
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         work = Path(tmp)
         ckpt = work / "ckpt"

@@ -18,24 +18,10 @@ import sys
 
 import torch
 
-from benchmarks._report import ROOT, machine, table, timeit, write_section
-from hnet_serve.hypernet import HypernetConfig
+from benchmarks._report import ROOT, machine, pmnist_model, table, timeit, write_section
 from hnet_serve.model import HNetModel
-from hnet_serve.targets import MLPConfig
 
 K = 10
-
-
-def build_ours() -> HNetModel:
-    model = HNetModel(
-        MLPConfig(input_shape=(784,), hidden=[1000, 1000], num_classes=10),
-        HypernetConfig(kind="chunked", hidden=[25, 25], task_emb_dim=24, chunk_emb_dim=8,
-                       chunk_size=78_000),
-        seed=0,
-    )
-    for i in range(K):
-        model.add_task(f"pmnist-{i}")
-    return model
 
 
 def build_theirs(model: HNetModel):
@@ -51,7 +37,7 @@ def build_theirs(model: HNetModel):
 
 def measure(impl: str, repeat: int) -> dict[str, float]:
     """Milliseconds per call for one implementation, in this process."""
-    ours = build_ours()
+    ours = pmnist_model(K)
     names = ours.task_names
     if impl == "ours":
         calls = {"one": lambda: ours.generate(names[:1]), "batched": lambda: ours.generate(names)}
@@ -107,7 +93,7 @@ def main() -> None:
          t["batched"] / o["batched"]],
         ["10 tasks", "hypnettorch one-by-one loop", t["loop"], t_thp["loop"], t["loop"] / o["batched"]],
     ]
-    ours = build_ours()
+    ours = pmnist_model(K)
     body = (
         "## Weight generation (`benchmarks/bench_generation.py`)\n\n"
         "Target MLP 784-1000-1000-10 (1,796,010 weights); chunked hypernetwork of the paper's\n"

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 SERVICE = "hnet_serve.service:HNetService"
 
 
-def _port(value: str) -> int:
+def port_arg(value: str) -> int:
+    """argparse type for a TCP port (1-65535)."""
     try:
         port = int(value)
     except ValueError:
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "from HNET_* environment variables or --config; see docs/serving.md.",
     )
     p.add_argument("checkpoint", help="checkpoint directory")
-    p.add_argument("--port", type=_port, default=3000, help="port (default 3000)")
+    p.add_argument("--port", type=port_arg, default=3000, help="port (default 3000)")
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     p.add_argument("--backend", choices=["torch", "onnx"], default=None,
                    help="torch (in-process generated weights) or onnx (an ORT session per task)")

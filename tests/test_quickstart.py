@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from hnet_serve.checkpoint import load_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.test_service_http import free_port
 
 
 @pytest.mark.integration
@@ -28,7 +22,7 @@ def test_quickstart_check(tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run(
         [str(exe), "quickstart", "--out", str(out), "--iterations", "30", "--check", "--json",
-         "--port", str(_free_port())],
+         "--port", str(free_port())],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -137,6 +137,8 @@ def _example_request(model, task: str) -> tuple[dict[str, Any], int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from hnet_serve.serve_cli import port_arg
+
     p = sub.add_parser(
         "quickstart",
         help="train a small model on the embedded MNIST digits, export a task and serve it",
@@ -148,7 +150,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=400, help="training iterations per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--port", type=port_arg, default=3000)
     p.add_argument("--no-serve", action="store_true", help="stop after training and export")
     p.add_argument("--check", action="store_true",
                    help="start the service, send the example request, then stop (for CI)")
