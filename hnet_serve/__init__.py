@@ -8,8 +8,9 @@ __version__ = "0.1.0"
 
 # Generated weight vectors are large (a 10-task batch of the paper's PermutedMNIST target is
 # 72 MB). Fresh allocations of that size are mmapped and page-faulted 4 KiB at a time, which
-# costs more than the matmul that fills them (measured: 61 ms -> 16 ms per batched call). This
-# PyTorch knob backs CPU allocations >= 2 MiB with transparent huge pages. PyTorch reads it once,
+# costs as much as the matmul that fills them (benchmarks/bench_generation.py: 45.8 -> 23.8 CPU ms
+# per 10-task call; a single task pays about 0.5 ms more). This PyTorch knob backs CPU
+# allocations >= 2 MiB with transparent huge pages. PyTorch reads it once,
 # at its first allocation, so it only takes effect when hnet_serve is imported before any tensor
 # is created (true for the CLI, the service and the benchmarks). Set it to 0 to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
