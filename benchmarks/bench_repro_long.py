@@ -50,9 +50,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iterations", type=int, default=300, help="steps per task")
     ap.add_argument("--loop-rows", type=int, default=500,
                     help="test examples per task for the in-loop accuracy matrix")
-    ap.add_argument("--beta", type=float, default=0.05, help="regularizer strength")
+    ap.add_argument("--beta", type=float, default=0.5,
+                    help="regularizer strength (the penalty averages over the K old tasks, so "
+                    "each gets beta / K: a long run needs a larger beta than a short one)")
+    ap.add_argument("--hnet-hidden", type=int, nargs="+", default=HYPERNET["hidden"],
+                    help="hypernetwork hidden layer widths")
+    ap.add_argument("--chunk-size", type=int, default=HYPERNET["chunk_size"])
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lookahead", action="store_true", help="regularize f_h(e, theta + dtheta)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keep-denormals", action="store_true",
+                    help="do not flush denormal floats to zero (see bench_reproduction)")
     ap.add_argument("--quick", action="store_true", help="5 tasks, 30 steps (smoke run)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--progress", action="store_true")
@@ -60,12 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tasks, args.iterations = 5, 30
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(not args.keep_denormals)
 
+    hnet_spec = {**HYPERNET, "hidden": args.hnet_hidden, "chunk_size": args.chunk_size}
     full = build_benchmark("permuted-mnist", "fashion-mnist", tasks=args.tasks, seed=args.seed)
     tasks = [with_test_rows(t, args.loop_rows) for t in full]
     cfg = build_config(benchmark="permuted-mnist", dataset="fashion-mnist", tasks=args.tasks,
                        iterations=args.iterations, seed=args.seed, beta=args.beta,
-                       target={"hidden": [100, 100]}, hypernet=HYPERNET)
+                       lr=args.lr, lookahead=args.lookahead,
+                       target={"hidden": [100, 100]}, hypernet=hnet_spec)
     method = make_method(cfg, tasks)
     model = method.model
     first = full[0]
@@ -119,12 +131,14 @@ def main(argv: list[str] | None = None) -> None:
         f"Data: {n} pixel permutations of Fashion-MNIST (task 1 the identity), 60,000 training "
         "/ 10,000 test images each. Target MLP "
         f"{cfg.target.hidden} ({model.target.n_params:,} weights, one shared 10-way output); "
-        f"chunked hypernetwork hidden {HYPERNET['hidden']}, chunk {HYPERNET['chunk_size']}, "
-        f"embeddings {HYPERNET['task_emb_dim']}/{HYPERNET['chunk_emb_dim']} "
+        f"chunked hypernetwork hidden {hnet_spec['hidden']}, chunk {hnet_spec['chunk_size']}, "
+        f"embeddings {hnet_spec['task_emb_dim']}/{hnet_spec['chunk_emb_dim']} "
         f"({hn.n_shared:,} weights: compression ratio {hn.compression_ratio():.3f}). "
         f"{cfg.iterations} iterations per task, batch {cfg.batch_size}, Adam lr {cfg.lr}, "
-        f"beta {cfg.beta}, the regularizer on all previous tasks every step. Seed {args.seed}. "
-        f"Machine: {machine()}."
+        f"beta {cfg.beta}{', lookahead' if cfg.lookahead else ''}, the regularizer on all "
+        f"previous tasks every step. Seed {args.seed}. "
+        f"Machine: {machine()}, denormals "
+        f"{'kept' if args.keep_denormals else 'flushed to zero'}."
         + (" `--quick` smoke run: numbers are not meaningful." if args.quick else "")
         + "\n\n" + table(["measure", "value"], rows)
         + f"\nDone when: task 1 after task {n} within 2 points of right after learning it "
