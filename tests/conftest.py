@@ -55,6 +55,15 @@ def tiny_resnet_model(n_tasks: int = 2, *, seed: int = 0) -> HNetModel:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny networks: intra-op threads only add contention on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def mlp_model() -> HNetModel:
     return tiny_mlp_model()
 

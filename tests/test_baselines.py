@@ -26,14 +26,7 @@ from training.config import TargetSpec, TrainConfig
 from training.data import TaskData
 from training.trainer import build_model, make_method, run_tasks, task_seed
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: intra-op threads only add contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- toy data -------------------------------------------------------------------------------

@@ -25,13 +25,7 @@ from training.data import TaskData
 from training.evaluate import predictor
 from training.trainer import make_method, run_tasks
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def disjoint_task(name: str, dims: list[int], *, classes: int = 2, n: int = 200, seed: int = 0,

@@ -42,7 +42,7 @@ from hnet_serve.cli import main as cli_main
 from hnet_serve.runtime import Runtime, ServingConfig
 from tests.conftest import tiny_mlp_model
 from tests.test_service import mlp_checkpoint, start
-from tests.test_service_http import child_env, free_port, serving
+from tests.test_service_http import child_env, free_port, serving, stop_process_group
 from tests.test_training import files_digest, make_task, save_npz, tiny_config
 from training.api import add_task, load_benchmark, train_tasks
 
@@ -283,12 +283,7 @@ def test_rotten_model_store_copy_keeps_a_real_server_unready(tmp_path):
         r = httpx.post(url + "/predict", json={"task": "task-0", "inputs": [ROW]}, timeout=10)
         assert r.status_code == 503 and "content hash mismatch (file modified)" in r.text
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc)
     line = [ln for ln in log.read_text().splitlines() if "NOT READY" in ln]
     assert len(line) == 1 and str(stored.parent) in line[0] and "file modified" in line[0], line
 

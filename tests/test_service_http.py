@@ -273,13 +273,18 @@ def test_hnet_serve_subprocess_with_bentoml_client(checkpoint, bentoml_home, ref
         tag_dir = bentoml_home / "models" / "hnet" / checkpoint_hash(checkpoint)[:16]
         assert (tag_dir / "checkpoint" / "manifest.json").is_file()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc)
     assert proc.returncode is not None
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server started in its own session, SIGKILL it if it is still up after 30 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
