@@ -195,3 +195,38 @@ def test_help_lists_the_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("train", "add-task", "eval"):
         assert cmd in out
+
+
+def test_baseline_strength_flags_reach_the_learner(capsys, tmp_path, npz_files):
+    """--ewc-lambda / --ewc-gamma / --fisher-samples / --si-c / --si-xi land in the config's
+    method_options (recorded in the report) and change what the baseline learns."""
+    data = ["--benchmark", "custom", "--data", npz_files["a"], "--data", npz_files["b"],
+            "--iterations", "30", "--json", *TINY]
+
+    def report(name: str, *flags: str) -> dict:
+        run_json(capsys, "train", *data, "--out", tmp_path / name, *flags)
+        return json.loads((tmp_path / f"{name}-report" / "results.json").read_text())
+
+    weak = report("ewc0", "--method", "ewc", "--ewc-lambda", "0")
+    strong = report("ewc1", "--method", "ewc", "--ewc-lambda", "1e9", "--ewc-gamma", "0.5",
+                    "--fisher-samples", "64")
+    assert weak["config"]["method_options"] == {"ewc_lambda": 0.0}
+    assert strong["config"]["method_options"] == {
+        "ewc_lambda": 1e9, "ewc_gamma": 0.5, "fisher_samples": 64}
+    # a huge EWC penalty pins the network to task a: task b learns less than without it
+    assert strong["accuracy_matrix"][1][1] < weak["accuracy_matrix"][1][1]
+    si = report("si", "--method", "si", "--si-c", "2.5", "--si-xi", "0.01")
+    assert si["config"]["method_options"] == {"si_c": 2.5, "si_xi": 0.01}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "si", "--ewc-lambda", "5"], "--ewc-lambda applies to --method ewc"),
+    (["--ewc-lambda", "5"], "not to --method hnet"),
+    (["--method", "ewc", "--ewc-gamma", "2"], "ewc_gamma=2.0"),
+    (["--method", "si", "--si-xi", "0"], "si_xi=0.0"),
+])
+def test_baseline_strength_flags_are_checked(capsys, tmp_path, npz_files, flags, message):
+    code, _, err = run(capsys, "train", "--benchmark", "custom", "--data", npz_files["a"],
+                       "--out", tmp_path / "ck", "--iterations", "1", *flags, *TINY)
+    assert code == 1 and message in err, err
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "ck-report").exists()

@@ -90,7 +90,8 @@ def train_tasks(
 
     result = run_tasks(method, tasks, config, on_task_end=on_task_end, progress=progress)
     if report_dir is not None:
-        write_report(result, report_dir, model if isinstance(model, HNetModel) else None)
+        write_report(result, report_dir, model if isinstance(model, HNetModel) else None,
+                     config=config)
     return model if model is not None else method, result
 
 
@@ -132,12 +133,19 @@ def train_benchmark(
 
 
 def write_report(result: TrainResult, directory: str | os.PathLike,
-                 model: HNetModel | None = None) -> dict[str, str]:
-    """``results.json``, ``accuracy_matrix.png`` and (hnet) ``embeddings.png`` in ``directory``."""
+                 model: HNetModel | None = None, *,
+                 config: TrainConfig | None = None) -> dict[str, str]:
+    """``results.json``, ``accuracy_matrix.png`` and (hnet) ``embeddings.png`` in ``directory``.
+
+    With ``config``, ``results.json`` also records the settings that produced it (a baseline's
+    report is its only artifact, so its strengths must be in it)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     files = {"results": str(d / "results.json"), "accuracy_matrix": str(d / "accuracy_matrix.png")}
-    (d / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
+    data = result.to_dict()
+    if config is not None:
+        data["config"] = config.model_dump(mode="json")
+    (d / "results.json").write_text(json.dumps(data, indent=2))
     if result.accuracy_matrix:
         plot_accuracy_matrix(result.accuracy_matrix, result.task_names, d / "accuracy_matrix.png")
     if model is not None and len(model.registry):

@@ -51,6 +51,39 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+# Baseline strength flags: flag -> (BaselineOptions field, the methods that use it).
+STRENGTH_FLAGS: dict[str, tuple[str, tuple[str, ...], type, str]] = {
+    "ewc-lambda": ("ewc_lambda", ("ewc",), float, "EWC strength lambda (default 100)"),
+    "ewc-gamma": ("ewc_gamma", ("ewc",), float,
+                  "online EWC decay of the old Fisher, 0..1 (default 1: no decay)"),
+    "fisher-samples": ("fisher_samples", ("ewc",), int,
+                       "examples per task for EWC's diagonal Fisher (default 500)"),
+    "si-c": ("si_c", ("si",), float, "Synaptic Intelligence strength c (default 1)"),
+    "si-xi": ("si_xi", ("si",), float, "Synaptic Intelligence damping xi (default 0.1)"),
+}
+
+
+def _add_strength_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("baseline strengths (--method ewc / si)")
+    for flag, (_, _, kind, text) in STRENGTH_FLAGS.items():
+        g.add_argument(f"--{flag}", type=kind, help=text)
+
+
+def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """``method_options`` from the strength flags given; a flag the method does not use is an
+    error rather than silently ignored."""
+    options: dict[str, Any] = {}
+    for flag, (field, methods, _, _) in STRENGTH_FLAGS.items():
+        value = getattr(args, field)
+        if value is None:
+            continue
+        if method not in methods:
+            raise ConfigError(f"--{flag} applies to --method {' / '.join(methods)}, "
+                              f"not to --method {method}")
+        options[field] = value
+    return options
+
+
 def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "iterations": args.iterations, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -94,6 +127,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         pad=args.pad, first_identity=args.first_identity, multi_head=args.multi_head,
         method=args.method, target=target, hypernet=hnet, **_training_overrides(args),
     )
+    options = _method_options(args, config.method)
+    if options:  # flags override the config file's method_options, key by key
+        config = config.model_copy(
+            update={"method_options": {**config.method_options, **options}})
+        from training.baselines import BaselineOptions
+
+        BaselineOptions.from_config(config)  # range-check the flags before loading data
     # Only the hypernetwork makes a servable checkpoint; baselines (--method finetune, ewc, ...)
     # are for comparison and write their report only.
     out = args.out if config.method == "hnet" else None
@@ -217,6 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _bool_flag(p, "first-identity", "first permuted task is the unpermuted data")
     _bool_flag(p, "multi-head", "one output head per task")
     p.add_argument("--method", help="continual-learning method (default hnet)")
+    _add_strength_flags(p)
     g = p.add_argument_group("architecture")
     g.add_argument("--target-kind", choices=["mlp", "resnet"])
     g.add_argument("--target-hidden", type=_int_list, metavar="H1,H2", help="MLP hidden sizes")
