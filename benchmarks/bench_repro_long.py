@@ -17,7 +17,6 @@ on the full 10,000 test examples.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -34,14 +33,6 @@ from training.trainer import TrainResult, make_method, run_tasks
 
 IMG = ROOT / "docs" / "img"
 HYPERNET = COMPRESSIVE_HNET
-
-
-def with_test_rows(task: TaskData, n: int) -> TaskData:
-    """A view of ``task`` whose test split is its first ``n`` examples (inputs shared)."""
-    view = copy.copy(task)
-    view._x_test = task._x_test[:n]  # TaskData applies its transform on access
-    view.y_test = task.y_test[:n]
-    return view
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     hnet_spec = {**HYPERNET, "hidden": args.hnet_hidden, "chunk_size": args.chunk_size}
     full = build_benchmark("permuted-mnist", "fashion-mnist", tasks=args.tasks, seed=args.seed)
-    tasks = [with_test_rows(t, args.loop_rows) for t in full]
+    tasks = [t.with_test_rows(args.loop_rows) for t in full]
     cfg = build_config(benchmark="permuted-mnist", dataset="fashion-mnist", tasks=args.tasks,
                        iterations=args.iterations, seed=args.seed, beta=args.beta,
                        lr=args.lr, lookahead=args.lookahead,
@@ -169,9 +160,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def plot_long(task1: list[float], after: np.ndarray, final: np.ndarray, path: Path, n: int
               ) -> None:
-    from training.evaluate import _pyplot
+    from training.evaluate import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(1, n + 1)
     a.plot(x, 100 * np.asarray(task1), color="C0")

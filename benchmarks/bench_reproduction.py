@@ -312,9 +312,9 @@ COLORS = {"hnet": "C0", "hypnettorch": "C9", "finetune": "C3", "ewc": "C1", "si"
 
 def plot_curves(runs: list[Run], path: Any, title: str) -> None:
     """Mean accuracy over the tasks learned so far, after each task; one panel per scenario."""
-    from training.evaluate import _pyplot
+    from training.evaluate import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, scen in zip(axes, SCENARIOS):
         for m in METHODS:
@@ -355,9 +355,9 @@ def warm_up(data: dict[str, Any], cfg_over: dict[str, Any], args: argparse.Names
 def plot_confusion(confusion: list[list[float]], names: list[str], path: Path, title: str
                    ) -> None:
     """Heatmap: rows true task, columns the task the entropy rule picked (fraction of inputs)."""
-    from training.evaluate import _pyplot
+    from training.evaluate import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     data = 100 * np.asarray(confusion)
     size = max(4.0, 0.5 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))

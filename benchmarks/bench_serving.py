@@ -206,7 +206,6 @@ def bench_cold_miss(model, threads: int, quick: bool) -> str:
 def bench_mixed(threads: int, quick: bool) -> str:
     import torch
 
-    from benchmarks._report import table
     from hnet_serve import backends
     from hnet_serve.runtime import Runtime, ServingConfig
 
@@ -314,6 +313,8 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool) -> str:
 
 
 def mixed_table(rows: list[list[Any]], n_tasks: int, threads: int, default_max: int) -> str:
+    from benchmarks._report import table
+
     return (
         f"**Mixed-task batches: N rows over {n_tasks} tasks vs N rows of one task** (all tasks "
         f"cached; threads = {threads}; median of interleaved rounds). Goal: >= 0.7x the "

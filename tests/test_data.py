@@ -319,3 +319,17 @@ def test_task_data_validation_and_stats():
         TaskData("t", x, y, x, y, num_classes=2)
     with pytest.raises(DataError, match="float32"):
         TaskData("t", x.astype(np.float64), y, x, y)
+
+
+def test_with_test_rows_cuts_the_test_split_only():
+    rng = np.random.default_rng(0)
+    base = TaskData("t", rng.random((20, 4), dtype=np.float32), np.arange(20) % 3,
+                    rng.random((10, 4), dtype=np.float32), np.arange(10) % 3,
+                    transform=lambda x: x[:, ::-1])
+    cut = base.with_test_rows(4)
+    assert len(cut.y_test) == 4 and len(base.y_test) == 10
+    np.testing.assert_array_equal(cut.x_test, base.x_test[:4])  # the transform still applies
+    assert cut.x_train.shape == base.x_train.shape and cut.name == "t"
+    assert len(base.with_test_rows(100).y_test) == 10
+    with pytest.raises(DataError, match="n > 0"):
+        base.with_test_rows(0)

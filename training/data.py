@@ -14,6 +14,7 @@ padded); further normalization is recorded in the model (see :func:`input_stats`
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import gzip
@@ -126,6 +127,16 @@ class TaskData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self._x_train.shape[1:])
+
+    def with_test_rows(self, n: int) -> TaskData:
+        """The same task with its test split cut to the first ``n`` examples (a cheaper
+        evaluation, e.g. after every task of a long run); arrays are shared, not copied."""
+        if n <= 0:
+            raise DataError(f"{self.name}: with_test_rows needs n > 0, got {n}")
+        view = copy.copy(self)
+        view._x_test = self._x_test[:n]  # the transform still applies on access
+        view.y_test = self.y_test[:n]
+        return view
 
     def __repr__(self) -> str:
         return (

@@ -152,7 +152,8 @@ def evaluate_model(model: HNetModel, tasks: dict[str, TaskData], batch_size: int
 
 
 # -- plots ----------------------------------------------------------------------------------
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +166,7 @@ def plot_accuracy_matrix(
     matrix: list[list[float | None]], names: list[str], path: str | os.PathLike, title: str = ""
 ) -> None:
     """PNG heatmap of R[i][j] (rows: after training task i; columns: evaluated on task j)."""
-    plt = _pyplot()
+    plt = pyplot()
     t = len(matrix)
     data = np.full((t, len(names)), np.nan)
     for i, row in enumerate(matrix):
@@ -210,7 +211,7 @@ def embedding_pca(model: HNetModel) -> np.ndarray:
 
 def plot_embeddings(model: HNetModel, path: str | os.PathLike, title: str = "") -> None:
     """PNG of the task-embedding space (PCA to 2-D), one labelled point per task."""
-    plt = _pyplot()
+    plt = pyplot()
     proj = embedding_pca(model)
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.scatter(proj[:, 0], proj[:, 1], c=np.arange(len(proj)), cmap="viridis", s=40)
