@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hnet-hidden", type=int, nargs="+", default=HYPERNET["hidden"],
                     help="hypernetwork hidden layer widths")
     ap.add_argument("--chunk-size", type=int, default=HYPERNET["chunk_size"])
+    ap.add_argument("--task-emb-dim", type=int, default=HYPERNET["task_emb_dim"])
+    ap.add_argument("--chunk-emb-dim", type=int, default=HYPERNET["chunk_emb_dim"])
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lookahead", action="store_true", help="regularize f_h(e, theta + dtheta)")
     ap.add_argument("--seed", type=int, default=0)
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(not args.keep_denormals)
 
-    hnet_spec = {**HYPERNET, "hidden": args.hnet_hidden, "chunk_size": args.chunk_size}
+    hnet_spec = {**HYPERNET, "hidden": args.hnet_hidden, "chunk_size": args.chunk_size,
+                 "task_emb_dim": args.task_emb_dim, "chunk_emb_dim": args.chunk_emb_dim}
     full = build_benchmark("permuted-mnist", "fashion-mnist", tasks=args.tasks, seed=args.seed)
     tasks = [t.with_test_rows(args.loop_rows) for t in full]
     cfg = build_config(benchmark="permuted-mnist", dataset="fashion-mnist", tasks=args.tasks,
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         ["hypernetwork weights (shared)", f"{hn.n_shared:,}"],
         ["task embeddings", f"{n} x {cfg.hypernet.task_emb_dim}"],
         ["compression ratio (shared / target)", hn.compression_ratio()],
+        ["compression ratio counting the task embeddings too",
+         (hn.n_shared + n * cfg.hypernet.task_emb_dim) / model.target.n_params],
         [f"step time, task 2 / task {n} (ms)",
          f"{1e3 * steps[min(1, n - 1)]:.1f} / {1e3 * steps[-1]:.1f}"],
         ["training time (min)", sum(result.seconds) / 60],
