@@ -3,7 +3,7 @@
 * ``torch``: the cache holds each task's generated flat weights (plus its batch-norm
   statistics); the target runs them in-process. MLP weights are cached with each matrix
   transposed to ``(in, out)`` (``MLPTarget.to_serving_layout``): a cold task's weights then
-  stream in row order through the matmul, ~13 % faster for the mixed-task batches that read
+  stream in row order through the matmul, ~10 % faster for the mixed-task batches that read
   many tasks' weights once each. Mixed-task batches of MLP targets stack the
   tasks' weights and run one batched matmul per layer (``MLPTarget.forward_stacked``), the
   S-LoRA/Punica idea with generated weights instead of adapters.

@@ -27,7 +27,7 @@ from safetensors.torch import save as st_save
 
 from hnet_serve import __version__
 from hnet_serve.errors import CheckpointError, HNetError
-from hnet_serve.fsutil import fsync_path, temp_sibling, write_synced
+from hnet_serve.fsutil import fsync_path, remove_stale_siblings, temp_sibling, write_synced
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import TaskRegistry
@@ -140,6 +140,7 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
     manifest = build_manifest(model, tensors)
     manifest["content_hash"] = _content_hash(manifest, weights)
 
+    remove_stale_siblings(path)  # a previous save of this path killed mid-way
     tmp = temp_sibling(path)
     try:
         tmp.mkdir()

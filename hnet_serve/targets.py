@@ -220,7 +220,7 @@ class MLPTarget(TargetNet):
         result has the same shape and numbers. ``forward_stacked(..., transposed=True)`` reads
         it: a matmul whose weight streams in row order from memory, which is what a cold
         weight (one of many cached tasks) needs. Measured in ``benchmarks/bench_serving.py``
-        (mixed-task batches): about 13 % faster than the ``(out, in)`` layout on cold weights.
+        (mixed-task batches): about 10 % faster than the ``(out, in)`` layout on cold weights.
         """
         lead = flat.shape[:-1]
         parts = []

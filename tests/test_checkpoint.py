@@ -246,3 +246,33 @@ def test_console_script_version_and_help(tmp_path, mlp_model):
     bad = subprocess.run([str(exe), "info", str(tmp_path / "ck")], capture_output=True, text=True, check=False)
     assert bad.returncode == 1
     assert "unsupported format version" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_save_removes_only_dead_writers_leftovers(tmp_path):
+    """A SIGKILLed save leaves ``.NAME.tmp-<host>-<pid>-<rand>``; the next save of NAME removes
+    it when that process is gone, and leaves live writers, other hosts and other names alone."""
+    from hnet_serve import fsutil
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = fsutil._host_tag()
+    out = tmp_path / "ck"
+    stale_dir = tmp_path / f".ck.tmp-{host}-{dead.pid}-0123abcd"
+    stale_dir.mkdir()
+    (stale_dir / "weights.safetensors").write_bytes(b"partial")
+    stale_old = tmp_path / f".ck.old-{host}-{dead.pid}-89abcdef"
+    stale_old.mkdir()
+    keep = [
+        tmp_path / f".ck.tmp-{host}-{os.getpid()}-0123abcd",  # a live writer (this process)
+        tmp_path / f".ck.tmp-ffffffff-{dead.pid}-0123abcd" if host != "ffffffff"
+        else tmp_path / f".ck.tmp-00000000-{dead.pid}-0123abcd",  # another host
+        tmp_path / f".other.tmp-{host}-{dead.pid}-0123abcd",  # another checkpoint's
+        tmp_path / ".ck.tmp-1a2b3c4d",  # an old-style name: no owner to check
+    ]
+    for k in keep:
+        k.mkdir()
+    save_checkpoint(tiny_mlp_model(), out)
+    assert not stale_dir.exists() and not stale_old.exists()
+    assert all(k.exists() for k in keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ck", *(k.name for k in keep)])
+    load_checkpoint(out)

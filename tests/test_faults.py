@@ -173,6 +173,8 @@ def test_killed_add_task_keeps_the_source_and_writes_no_checkpoint(source, tmp_p
     finally:
         torch.set_num_threads(torch_threads)
     assert report.saved and ckpt.load_checkpoint(out).task_names == ["a", "b", "c"]
+    # ... and its save removed the killed run's leftover temporary directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.log", "v2"]
 
 
 def test_disk_full_during_add_task_is_a_clean_error_and_leaves_nothing(source, tmp_path,
