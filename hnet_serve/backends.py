@@ -163,10 +163,8 @@ def run_generated(
             continue
         x = torch.from_numpy(g.x)
         if isinstance(target, MLPTarget):
-            # One task through the stacked path (K = 1): plain matmuls, no functional_call.
-            xk = x.reshape(1, x.shape[0], -1)  # (1, B, in)
-            y = target.forward_stacked(weights[i].unsqueeze(0), xk, head=g.info.head,
-                                       transposed=transposed)[0]
+            # plain matmuls on views of the flat weights, no functional_call
+            y = target.forward_one(weights[i], x, head=g.info.head, transposed=transposed)
         else:
             if transposed:
                 raise ConfigError("only MLP targets have a transposed serving layout")

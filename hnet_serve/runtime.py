@@ -352,39 +352,42 @@ class Runtime:
         n = x.shape[0]
         if len(tasks) != n:
             raise InputError(f"{len(tasks)} task names for {n} rows")
-        rows_by_task: dict[str | None, list[int]] = {}
-        for i, t in enumerate(tasks):
-            rows_by_task.setdefault(t, []).append(i)
+        # group rows by task: one code per distinct task (first-seen order), then a stable sort
+        code_of: dict[str | None, int] = {}
+        codes = np.fromiter((code_of.setdefault(t, len(code_of)) for t in tasks),
+                            dtype=np.int64, count=n)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(code_of) + 1))
+        rows_by_task = {t: order[bounds[c] : bounds[c + 1]] for t, c in code_of.items()}
         infos = {t: self.task(t) for t in rows_by_task if t is not None}
         names = [t for t in rows_by_task if t is not None]
         c_max = max((i.num_classes for i in infos.values()), default=0)
 
-        out_tasks: list[str] = [""] * n
+        out_tasks = np.empty(n, dtype=object)
         preds = np.zeros(n, dtype=np.int64)
         conf: np.ndarray | None = None
         parts: list[tuple[np.ndarray, np.ndarray]] = []  # (row indices, probabilities)
         if names:
-            idx = [np.asarray(rows_by_task[t]) for t in names]
+            idx = [rows_by_task[t] for t in names]
             groups = [Group(infos[t], x[r] if len(r) < n else x) for t, r in zip(names, idx)]
             logits = self._logits(names, groups)
             for t, r, z in zip(names, idx, logits):
                 parts.append((r, softmax(z)))
-                for i in r:
-                    out_tasks[i] = t
+                out_tasks[r] = t
         if None in rows_by_task:
-            r = np.asarray(rows_by_task[None])
+            r = rows_by_task[None]
             sub = self._infer(x[r] if len(r) < n else x)
             parts.append((r, sub.probabilities))
             conf = np.full(n, np.nan, dtype=np.float32)
             conf[r] = sub.confidence
-            for i, t in zip(r, sub.tasks):
-                out_tasks[i] = t
+            out_tasks[r] = sub.tasks
         c_max = max([c_max, *(p.shape[1] for _, p in parts)])
         probs = np.zeros((n, c_max), dtype=np.float32)
         for r, p in parts:
             probs[r, : p.shape[1]] = p
             preds[r] = p.argmax(1)
-        return Prediction(out_tasks, preds, probs, inferred=conf is not None, confidence=conf)
+        return Prediction(out_tasks.tolist(), preds, probs, inferred=conf is not None,
+                          confidence=conf)
 
     def _logits(self, names: list[str], groups: list[Group]) -> list[np.ndarray]:
         """Each group's logits under its task (``names`` unique), in steps of at most

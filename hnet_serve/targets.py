@@ -203,6 +203,14 @@ class MLPTarget(TargetNet):
         self._act = activation_fn(config.activation)
         self._init_norm(config)
         self._finish_init()
+        # (weight offset, out, in, bias offset or -1) per layer, for forward_one's slicing
+        self._spans: list[tuple[int, int, int, int]] = []
+        offset = 0
+        for layer in self.layers:
+            out_f, in_f = layer.weight.shape
+            bias_at = offset + out_f * in_f if layer.bias is not None else -1
+            self._spans.append((offset, out_f, in_f, bias_at))
+            offset += out_f * in_f + (out_f if layer.bias is not None else 0)
 
     def forward(self, x: torch.Tensor, head: int = 0) -> torch.Tensor:
         x = self.normalize(x.reshape(x.shape[0], *self.config.input_shape))
@@ -234,6 +242,26 @@ class MLPTarget(TargetNet):
                 parts.append(flat[..., offset : offset + out_f])
                 offset += out_f
         return torch.cat(parts, dim=-1)
+
+    def forward_one(
+        self, flat: torch.Tensor, x: torch.Tensor, head: int = 0, *, transposed: bool = False
+    ) -> torch.Tensor:
+        """One task with generated weights ``flat`` ``(n_params,)`` on ``x`` ``(B, ...)``.
+
+        The serving path for a single task's rows: 2-D ``addmm`` on views of ``flat``, with
+        the least per-call overhead (it runs once per task of every mixed batch).
+        ``transposed``: ``flat`` is in :meth:`to_serving_layout`'s layout.
+        """
+        n = x.shape[0]
+        h = self.normalize(x.reshape(n, *self.config.input_shape)).reshape(n, -1)
+        last = len(self._spans) - 1
+        for i, (at, out_f, in_f, bias_at) in enumerate(self._spans):
+            w = flat[at : at + out_f * in_f]
+            w = w.view(in_f, out_f) if transposed else w.view(out_f, in_f).t()
+            h = torch.addmm(flat[bias_at : bias_at + out_f], h, w) if bias_at >= 0 else h @ w
+            if i < last:
+                h = self._act(h)
+        return self.select_head(h, head)
 
     def forward_stacked(
         self, flat: torch.Tensor, x: torch.Tensor, head: int = 0, *, transposed: bool = False
