@@ -305,3 +305,27 @@ def test_unknown_task_generation(mlp_model):
 
 def test_tiny_resnet_model_builds():
     assert tiny_resnet_model(n_tasks=3).task_names == ["img-0", "img-1", "img-2"]
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_mlp_forward_one_matches_the_module(use_bias):
+    """The serving fast path equals functional_call on the module, in both weight layouts, for
+    multi-head targets with input normalization, with and without biases."""
+    model = HNetModel(
+        MLPConfig(input_shape=(2, 3), hidden=[5, 4], num_classes=3, num_heads=2,
+                  use_bias=use_bias, input_mean=[0.5, -0.2], input_std=[2.0, 0.5]),
+        HypernetConfig(kind="chunked", hidden=[6], chunk_size=17, task_emb_dim=3,
+                       chunk_emb_dim=2),
+        seed=0,
+    )
+    model.add_task("a")
+    target = model.target
+    x = torch.randn(7, 2, 3)
+    with torch.no_grad():
+        flat = model.generate(["a"])[0]
+        for head in (0, 1):
+            want = target.apply_weights(flat, x, head=head)
+            torch.testing.assert_close(target.forward_one(flat, x, head=head), want)
+            served = target.to_serving_layout(flat)
+            torch.testing.assert_close(target.forward_one(served, x, head=head, transposed=True),
+                                       want)
