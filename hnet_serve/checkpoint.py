@@ -140,7 +140,6 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
     manifest = build_manifest(model, tensors)
     manifest["content_hash"] = _content_hash(manifest, weights)
 
-    remove_stale_siblings(path)  # a previous save of this path killed mid-way
     tmp = temp_sibling(path)
     try:
         tmp.mkdir()
@@ -159,6 +158,9 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
             os.rename(tmp, path)
             shutil.rmtree(old)
         fsync_path(path.parent)
+        # Only now, with the new checkpoint in place: a save killed between the two renames
+        # above leaves the previous checkpoint in ``.NAME.old-*``, its only copy until here.
+        remove_stale_siblings(path)
     except OSError as exc:  # a full disk, a read-only directory: a clean error, nothing written
         raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
     finally:

@@ -276,3 +276,25 @@ def test_save_removes_only_dead_writers_leftovers(tmp_path):
     assert all(k.exists() for k in keep)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ck", *(k.name for k in keep)])
     load_checkpoint(out)
+
+
+def test_failed_save_keeps_a_dead_writers_previous_checkpoint(tmp_path, monkeypatch):
+    """Killed between the fallback's two renames, a save leaves the previous checkpoint only in
+    ``.NAME.old-*``; a later save that fails must not have removed it."""
+    import errno
+
+    from hnet_serve import checkpoint as ckpt
+    from hnet_serve import fsutil
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    previous = tmp_path / f".ck.old-{fsutil._host_tag()}-{dead.pid}-0123abcd"
+    save_checkpoint(tiny_mlp_model(), previous)
+
+    def disk_full(path, data, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(ckpt, "write_synced", disk_full)
+    with pytest.raises(CheckpointError, match="No space left"):
+        save_checkpoint(tiny_mlp_model(), tmp_path / "ck")
+    assert load_checkpoint(previous).task_names  # still there, still loadable
