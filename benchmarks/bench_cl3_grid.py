@@ -22,7 +22,7 @@ from benchmarks._report import machine, table, write_section
 from benchmarks.bench_reproduction import BENCHMARKS
 from training.api import load_benchmark
 from training.cl_scenarios import evaluate_hnet
-from training.config import _merge, build_config
+from training.config import build_config
 from training.trainer import make_method, run_tasks
 
 SECTION = "repro-cl3-grid"
@@ -50,10 +50,8 @@ GRID: list[tuple[str, dict[str, Any]]] = [
 
 def run_one(over: dict[str, Any], seed: int, quick: bool) -> tuple[float, float, float, float]:
     """(CL1, CL3, task inference, CPU seconds) of one HNET run."""
-    spec = _merge(BASE, over)
-    if quick:
-        spec["iterations"] = 20
-    cfg = build_config(seed=seed, **spec)
+    quick_over = {"iterations": 20} if quick else {}
+    cfg = build_config(base=BASE, seed=seed, **{**over, **quick_over})  # nested dicts merge
     tasks = load_benchmark(cfg)
     t0 = time.process_time()
     method = make_method(cfg, tasks)

@@ -57,7 +57,6 @@ class TorchEntry:
     weights: torch.Tensor  # (n_params,), its own storage
     buffers: dict[str, torch.Tensor] | None
     nbytes: int
-    transposed: bool = False  # MLP weights in MLPTarget.to_serving_layout's layout
 
 
 class Backend(Protocol):
@@ -201,19 +200,17 @@ class TorchBackend:
             size = w.numel() * w.element_size()
             if bufs:
                 size += sum(b.numel() * b.element_size() for b in bufs.values())
-            entries.append(TorchEntry(w, bufs, size, transposed=mlp))
+            entries.append(TorchEntry(w, bufs, size))
         return entries
 
     def nbytes(self, entry: TorchEntry) -> int:
         return entry.nbytes
 
     def logits(self, entries: Sequence[TorchEntry], groups: Sequence[Group]) -> list[np.ndarray]:
-        transposed = {e.transposed for e in entries}
-        if len(transposed) > 1:
-            raise ConfigError("cache entries in mixed weight layouts")
+        # build() keeps every MLP's weights in the serving layout
         return run_generated(
             self.model, [e.weights for e in entries], groups, [e.buffers for e in entries],
-            transposed=transposed.pop() if transposed else False,
+            transposed=isinstance(self.model.target, MLPTarget),
         )
 
 

@@ -232,15 +232,11 @@ class MLPTarget(TargetNet):
         """
         lead = flat.shape[:-1]
         parts = []
-        offset = 0
-        for layer in self.layers:
-            out_f, in_f = layer.weight.shape
-            w = flat[..., offset : offset + out_f * in_f].reshape(*lead, out_f, in_f)
+        for at, out_f, in_f, bias_at in self._spans:
+            w = flat[..., at : at + out_f * in_f].reshape(*lead, out_f, in_f)
             parts.append(w.transpose(-1, -2).reshape(*lead, out_f * in_f))
-            offset += out_f * in_f
-            if layer.bias is not None:
-                parts.append(flat[..., offset : offset + out_f])
-                offset += out_f
+            if bias_at >= 0:
+                parts.append(flat[..., bias_at : bias_at + out_f])
         return torch.cat(parts, dim=-1)
 
     def forward_one(
@@ -273,24 +269,18 @@ class MLPTarget(TargetNet):
         ``transposed``: ``flat`` is in :meth:`to_serving_layout`'s layout.
         """
         k, b = x.shape[0], x.shape[1]
-        x = self.normalize(x.reshape(k * b, *self.config.input_shape)).reshape(k, b, -1)
-        h = x
-        offset = 0
-        n_layers = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            out_f, in_f = layer.weight.shape
-            w = flat[:, offset : offset + out_f * in_f]
+        h = self.normalize(x.reshape(k * b, *self.config.input_shape)).reshape(k, b, -1)
+        last = len(self._spans) - 1
+        for i, (at, out_f, in_f, bias_at) in enumerate(self._spans):
+            w = flat[:, at : at + out_f * in_f]
             w = (w.reshape(k, in_f, out_f) if transposed
                  else w.reshape(k, out_f, in_f).transpose(1, 2))  # (K, in, out)
-            offset += out_f * in_f
-            if layer.bias is not None:
-                bias = flat[:, offset : offset + out_f].unsqueeze(1)  # (K, 1, out)
-                offset += out_f
-                h = (torch.addmm(bias[0], h[0], w[0]).unsqueeze(0) if k == 1
-                     else torch.baddbmm(bias, h, w))  # (K, B, out)
+            if bias_at >= 0:
+                bias = flat[:, bias_at : bias_at + out_f].unsqueeze(1)  # (K, 1, out)
+                h = torch.baddbmm(bias, h, w)  # (K, B, out)
             else:
-                h = torch.mm(h[0], w[0]).unsqueeze(0) if k == 1 else torch.bmm(h, w)
-            if i < n_layers - 1:
+                h = torch.bmm(h, w)
+            if i < last:
                 h = self._act(h)
         return self.select_head(h, head)
 

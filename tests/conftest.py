@@ -71,3 +71,13 @@ def mlp_model() -> HNetModel:
 @pytest.fixture
 def resnet_model() -> HNetModel:
     return tiny_resnet_model()
+
+
+def save_service_checkpoint(path):
+    """The service tests' checkpoint: three 10-class tasks and a labelled binary one."""
+    from hnet_serve.checkpoint import save_checkpoint
+
+    model = tiny_mlp_model(3)
+    model.add_task("binary", num_classes=2, label_names=["no", "yes"])
+    save_checkpoint(model, path)
+    return path

@@ -38,9 +38,8 @@ from hypothesis import strategies as st
 from schemathesis import DataGenerationMethod
 from starlette_testclient import TestClient  # requests-based, what schemathesis' checks expect
 
-from hnet_serve.checkpoint import save_checkpoint
 from hnet_serve.runtime import Runtime
-from tests.conftest import tiny_mlp_model
+from tests.conftest import save_service_checkpoint
 from tests.test_service_http import asgi_app, wait_ready
 
 MAX_ROWS = 16
@@ -54,11 +53,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("fuzz") / "ckpt"
-    model = tiny_mlp_model(3)
-    model.add_task("binary", num_classes=2, label_names=["no", "yes"])
-    save_checkpoint(model, path)
-    return path
+    return save_service_checkpoint(tmp_path_factory.mktemp("fuzz") / "ckpt")
 
 
 @pytest.fixture(scope="module")

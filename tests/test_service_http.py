@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 
 from hnet_serve.checkpoint import checkpoint_hash, save_checkpoint
 from hnet_serve.runtime import Runtime
-from tests.conftest import tiny_mlp_model
+from tests.conftest import save_service_checkpoint, tiny_mlp_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_ROWS = 64
@@ -33,11 +33,7 @@ ROW = [0.25] * 12
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
-    model = tiny_mlp_model(3)
-    model.add_task("binary", num_classes=2, label_names=["no", "yes"])
-    save_checkpoint(model, path)
-    return path
+    return save_service_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt")
 
 
 @functools.cache
