@@ -9,7 +9,9 @@ iterations, batch size, Adam, evaluation) on the same target network:
   CL1 matrix, and HNET+ENT with the same entropy rule at the end;
 * ``finetune``, ``ewc``, ``si``: trained once per scenario (CL1: one head per task; CL2: shared
   head; CL3: shared, expanding head over all classes);
-* ``independent``: one network per task (CL1), with the entropy rule for CL2/CL3.
+* ``independent``: one network per task (CL1), with the entropy rule for CL2/CL3;
+* ``hnet-oe``: ``hnet`` plus the outlier loss (``--outlier-weight``, ``training.outliers``; not
+  in the paper), which sharpens HNET+ENT's task inference.
 
     python -m benchmarks.bench_reproduction --benchmark split-mnist [--seeds 3] [--quick]
     python -m benchmarks.bench_reproduction --benchmark permuted-fmnist [--seeds 3] [--quick]
@@ -82,7 +84,8 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
         "curve_rows": 1000,  # test rows per task for the CL2/CL3 evaluations after each task
     },
 }
-METHODS = ("hnet", "hypnettorch", "finetune", "ewc", "si", "independent")
+METHODS = ("hnet", "hnet-oe", "hypnettorch", "finetune", "ewc", "si", "independent")
+ONE_RUN = ("hnet", "hnet-oe", "hypnettorch", "independent")  # trained once, scored 3 ways
 
 
 @dataclass
@@ -190,14 +193,16 @@ def hnet_score(temperature: float) -> Callable[[ContinualMethod], Score]:
 
 def run_method(name: str, tasks: list[TaskData], cfg: TrainConfig, seed: int,
                args: argparse.Namespace, curve_rows: int | None) -> tuple[Run, Any]:
-    """``hnet``, ``hypnettorch`` or ``independent``: one run scored in the three scenarios.
-    Returns the run and the hypernetwork model (``hnet``) or None."""
-    if name == "hnet":
+    """A method of :data:`ONE_RUN`: one run scored in the three scenarios. Returns the run and
+    the hypernetwork model (``hnet``) or None."""
+    if name in ("hnet", "hnet-oe"):
+        if name == "hnet-oe":
+            cfg = cfg.model_copy(update={"outlier_weight": args.outlier_weight})
         run, learner = run_scored(name, lambda: make_method(cfg, tasks),
                                   hnet_score(args.temperature), tasks, cfg, seed, args,
                                   curve_rows)
         run.stored_params = learner.model.hypernet.n_shared
-        return run, learner.model
+        return run, learner.model if name == "hnet" else None
     if name == "hypnettorch":
         from benchmarks.hypnettorch_ref import HypnettorchMethod
 
@@ -250,6 +255,7 @@ def wall(runs: list[Run], method: str, key: str = "seconds") -> float:
 
 LABELS = {
     "hnet": "HNET (ours); CL2/CL3: HNET+ENT",
+    "hnet-oe": "HNET + outlier loss (ours, not in the paper); CL2/CL3: HNET+ENT",
     "hypnettorch": "HNET, hypnettorch 0.0.4; CL2/CL3: +ENT",
     "finetune": "Fine-tuning",
     "ewc": "Online EWC",
@@ -306,7 +312,7 @@ def reference_table(runs: list[Run]) -> tuple[str, dict[str, float]]:
 
 
 # -- plots ----------------------------------------------------------------------------------
-COLORS = {"hnet": "C0", "hypnettorch": "C9", "finetune": "C3", "ewc": "C1", "si": "C2",
+COLORS = {"hnet": "C0", "hnet-oe": "C4", "hypnettorch": "C9", "finetune": "C3", "ewc": "C1", "si": "C2",
           "independent": "C7"}
 
 
@@ -346,7 +352,7 @@ def warm_up(data: dict[str, Any], cfg_over: dict[str, Any], args: argparse.Names
     cfg = build_config(seed=0, **{**cfg_over, "iterations": 2, "tasks": 2})
     quiet = argparse.Namespace(**{**vars(args), "progress": False})
     for m in args.methods:
-        if m in ("hnet", "hypnettorch", "independent"):
+        if m in ONE_RUN:
             run_method(m, tasks, cfg, 0, quiet, 10)
         else:
             run_baseline(m, "cl1", tasks, cfg, 0, quiet)
@@ -399,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
                     default="benchmark", help="hypernetwork sizes: this benchmark's (pinned), the "
                     "current training preset's, or the compressive one of the long run")
     ap.add_argument("--temperature", type=float, default=1.0, help="HNET+ENT softmax temperature")
+    ap.add_argument("--outlier-weight", type=float, default=0.5,
+                    help="hnet-oe: weight of the outlier loss (default 0.5)")
     ap.add_argument("--ewc-lambda", type=float)
     ap.add_argument("--ewc-gamma", type=float)
     ap.add_argument("--si-c", type=float)
@@ -445,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         tasks = build_benchmark(data["benchmark"], data["dataset"], tasks=data["tasks"], seed=seed)
         cfg = build_config(seed=seed, **cfg_over)
         for m in args.methods:
-            if m in ("hnet", "hypnettorch", "independent"):
+            if m in ONE_RUN:
                 run, model = run_method(m, tasks, cfg, seed, args, spec["curve_rows"])
                 runs.append(run)
                 if model is not None:
@@ -487,6 +495,9 @@ def write_outputs(args: argparse.Namespace, spec: dict[str, Any], cfg: TrainConf
         f"{args.options.ewc_gamma}, Fisher on {args.options.fisher_samples} examples; SI c "
         f"{args.options.si_c}, xi {args.options.si_xi}. Seeds {', '.join(map(str, seeds))} "
         f"(mean ± std over seeds). HNET+ENT temperature {args.temperature}. "
+        + (f"hnet-oe: outlier weight {args.outlier_weight}, kinds "
+           f"{', '.join(cfg.outlier_kinds)}. " if "hnet-oe" in methods else "")
+        + 
         f"Machine: {machine()}, denormals "
         f"{'kept' if args.keep_denormals else 'flushed to zero'}, shared with other jobs (CPU "
         f"time is this process's own); the whole script took {total / 60:.1f} min"
@@ -519,12 +530,14 @@ def write_outputs(args: argparse.Namespace, spec: dict[str, Any], cfg: TrainConf
                 plot_accuracy_matrix(run.matrix, [t.name for t in tasks], png,
                                      f"{LABELS[m].split(';')[0]}, CL1, seed 0")
                 plots.append((f"{m} CL1 accuracy matrix (seed 0)", png))
-        hnet0 = next((r for r in runs if r.method == "hnet" and r.seed == 0), None)
-        if hnet0 is not None and hnet0.confusion:
-            png = img / f"{stem}_task_inference.png"
-            plot_confusion(hnet0.confusion, [t.name for t in tasks], png,
-                           "HNET+ENT task inference, seed 0")
-            plots.append(("HNET+ENT task inference (seed 0)", png))
+        for m, suffix in (("hnet", ""), ("hnet-oe", "_outliers")):
+            run0 = next((r for r in runs if r.method == m and r.seed == 0), None)
+            if run0 is not None and run0.confusion:
+                png = img / f"{stem}_task_inference{suffix}.png"
+                what = "HNET+ENT" + (" with the outlier loss" if suffix else "")
+                plot_confusion(run0.confusion, [t.name for t in tasks], png,
+                               f"{what} task inference, seed 0")
+                plots.append((f"{what} task inference (seed 0)", png))
         if 0 in models:
             png = img / f"{stem}_embeddings.png"
             plot_embeddings(models[0], png, "task embeddings (PCA), seed 0")

@@ -230,3 +230,25 @@ def test_baseline_strength_flags_are_checked(capsys, tmp_path, npz_files, flags,
                        "--out", tmp_path / "ck", "--iterations", "1", *flags, *TINY)
     assert code == 1 and message in err, err
     assert not (tmp_path / "ck").exists() and not (tmp_path / "ck-report").exists()
+
+
+def test_outlier_flags_reach_the_checkpoint_config(capsys, tmp_path):
+    out = tmp_path / "ck"
+    run_json(capsys, "train", "--benchmark", "split-mnist", "--tasks", "1", "--iterations", "5",
+             "--outlier-weight", "0.5", "--outlier-kinds", "rotate, splice", "--out", out,
+             "--json", *TINY)
+    cfg = load_checkpoint(out).meta["train_config"]  # add-task continues with them
+    assert cfg["outlier_weight"] == 0.5 and cfg["outlier_kinds"] == ["rotate", "splice"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--outlier-weight", "0.5", "--outlier-kinds", "twist"], "outlier_kinds.0='twist'"),
+    (["--outlier-weight", "-1"], "outlier_weight=-1.0"),
+    (["--outlier-weight", "0.5", "--outlier-kinds", "flip,flip"], "must be distinct"),
+    (["--outlier-weight", "0.5"], "need image inputs"),  # 12 features: no image geometry
+])
+def test_outlier_flags_are_checked(capsys, tmp_path, npz_files, flags, message):
+    code, _, err = run(capsys, "train", "--benchmark", "custom", "--data", npz_files["a"],
+                       "--out", tmp_path / "ck", "--iterations", "1", *flags, *TINY)
+    assert code == 1 and message in err, err
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "ck-report").exists()

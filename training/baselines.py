@@ -45,11 +45,13 @@ from hnet_serve.targets import MLPConfig, ResNetConfig, TargetNet, build_target
 from training.config import TrainConfig
 from training.data import TaskData
 from training.evaluate import Predict
+from training.outliers import outlier_loss
 from training.trainer import (
     ContinualMethod,
     StepStats,
     TrainResult,
     build_model,
+    make_outlier_maker,
     register_method,
     run_tasks,
     task_seed,
@@ -183,6 +185,8 @@ class NetworkMethod(ContinualMethod):
         self.seen_classes = 0
         self.optimizer: torch.optim.Optimizer | None = None
         self._current: tuple[int, int] = (0, 0)  # (head, classes) of the task being learned
+        self.generator = torch.Generator()  # outliers (training.outliers), seeded per task
+        self.outliers = make_outlier_maker(config, target_config.input_shape, self.generator)
 
     # -- parameters ------------------------------------------------------------------------
     def new_network(self, index: int) -> TargetNet:
@@ -227,6 +231,7 @@ class NetworkMethod(ContinualMethod):
                     f"all {cfg.num_heads} output heads are used; task {task.name!r} needs more"
                 )
         self._current = (head, task.num_classes)
+        self.generator.manual_seed(task_seed(self.config.seed, 4_000 + index))
         self.nets[task.name] = self.net
         self.heads[task.name] = head
         self.classes[task.name] = task.num_classes
@@ -251,6 +256,11 @@ class NetworkMethod(ContinualMethod):
             loss = F.cross_entropy(logits, y)
         finally:
             net.eval()
+        # as for HNET: outliers in eval mode (batch-norm statistics stay the task's own)
+        extra = outlier_loss(self.outliers, self.config.outlier_weight, x,
+                             lambda xo: net(xo, head=head)[:, :classes])
+        if extra is not None:
+            loss = loss + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         params = self.params

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hnet_serve.errors import ConfigError
-from training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT
+from training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT, OUTLIER_KINDS
 
 BENCHMARK_CHOICES = ["permuted-mnist", "split-mnist", "split-cifar", "custom"]
 DATASET_CHOICES = ["mnist5k", "fashion-mnist", "idx-dir", "cifar"]
@@ -25,6 +25,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    values = [v for v in text.replace(" ", "").split(",") if v]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return values
 
 
@@ -46,6 +53,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reg-tasks", type=int, metavar="N",
                    help="regularize a random subset of N old tasks per step (default: all)")
     _bool_flag(g, "train-old-embeddings", "keep training old task embeddings (paper: frozen)")
+    g.add_argument("--outlier-weight", type=float, metavar="W",
+                   help="weight of the uniform-prediction loss on outliers made from each batch "
+                   "(sharper task inference by entropy; not in the paper; default 0: off)")
+    g.add_argument("--outlier-kinds", type=_name_list, metavar="K1,K2",
+                   help=f"outliers to draw from ({', '.join(OUTLIER_KINDS)}; default: all)")
     g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -90,6 +102,7 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "lr": args.lr, "beta": args.beta, "seed": args.seed, "lookahead": args.lookahead,
         "reg_method": args.reg_method, "reg_tasks": args.reg_tasks,
         "train_old_embeddings": args.train_old_embeddings,
+        "outlier_weight": args.outlier_weight, "outlier_kinds": args.outlier_kinds,
     }
 
 

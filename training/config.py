@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hnet_serve.errors import ConfigError
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.targets import Activation
+from training import DEFAULT_OUTLIER_KINDS, OutlierKind
 
 Benchmark = Literal["permuted-mnist", "split-mnist", "split-cifar", "custom"]
 Dataset = Literal["mnist5k", "fashion-mnist", "idx-dir", "cifar"]
@@ -69,6 +70,11 @@ class TrainConfig(BaseModel):
     reg_method: Literal["auto", "gram", "explicit"] = "auto"
     reg_tasks: int | None = Field(default=None, gt=0)  # random subset of old tasks per step
     train_old_embeddings: bool = False  # the paper freezes them
+    # Uncertainty on self-generated outliers (training.outliers; not in the paper): sharper
+    # task inference by entropy (HNET+ENT) at no cost in stored data. 0: off.
+    outlier_weight: float = Field(default=0.0, ge=0, le=100)
+    outlier_kinds: list[OutlierKind] = Field(
+        default_factory=lambda: list(DEFAULT_OUTLIER_KINDS), min_length=1)
     multi_head: bool = False  # one output head per task (task-incremental, shared layout)
     num_heads: int | None = Field(default=None, gt=0, le=10_000)  # default: number of tasks
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
@@ -76,6 +82,13 @@ class TrainConfig(BaseModel):
 
     target: TargetSpec = Field(default_factory=TargetSpec)
     hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
+
+    @field_validator("outlier_kinds")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"outlier kinds must be distinct, got {v}")
+        return v
 
     def steps_for(self, n_train: int) -> int:
         """Optimizer steps for a task with ``n_train`` examples."""

@@ -31,6 +31,7 @@ from hnet_serve.targets import MLPConfig, ResNetConfig
 from training.config import TrainConfig
 from training.data import TaskData, input_stats
 from training.evaluate import Predict, accuracy_of, continual_metrics, predictor
+from training.outliers import OutlierMaker, outlier_loss
 from training.regularizer import Snapshot, make_snapshot, output_regularizer
 
 
@@ -264,6 +265,15 @@ def _train_one(
 
 
 # -- the hypernetwork method ----------------------------------------------------------------
+def make_outlier_maker(config: TrainConfig, input_shape: Any, generator: torch.Generator
+                       ) -> OutlierMaker | None:
+    """The outlier maker of a method (None when ``outlier_weight`` is 0); ConfigError, before
+    any training, for inputs it cannot make outliers from."""
+    if config.outlier_weight <= 0:
+        return None
+    return OutlierMaker(tuple(input_shape), config.outlier_kinds, generator)
+
+
 def make_adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
     """Adam with the fused kernel where available (several times faster on CPU for the large
     output layer of a hypernetwork; same update rule)."""
@@ -319,6 +329,8 @@ class HNetMethod(ContinualMethod):
         self.buffers: dict[str, torch.Tensor] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.generator = torch.Generator()
+        self.outliers = make_outlier_maker(config, model.target_config.input_shape,
+                                           self.generator)
 
     def begin_task(self, index: int, task: TaskData) -> None:
         model, cfg = self.model, self.config
@@ -367,6 +379,12 @@ class HNetMethod(ContinualMethod):
             loss = F.cross_entropy(logits[:, : self.num_classes], y)
         finally:
             model.target.eval()
+        # outliers run in eval mode: they must not move the task's batch-norm statistics
+        extra = outlier_loss(self.outliers, cfg.outlier_weight, x, lambda xo: model.target
+                             .apply_weights(weights, xo, self.buffers, head=self.head)
+                             [:, : self.num_classes])
+        if extra is not None:
+            loss = loss + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         reg_value = 0.0
