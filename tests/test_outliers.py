@@ -155,3 +155,28 @@ def test_outlier_weight_needs_inputs_with_geometry():
     with pytest.raises(ConfigError, match="need image inputs"):
         make_baseline("finetune", cfg, tasks)
     make_method(tiny_config(), tasks)  # off by default: any inputs
+
+
+def test_outliers_leave_batch_norm_statistics_alone():
+    """A ResNet target's running statistics after one step come from the task's batch only:
+    the same with and without the outlier loss (the step's forward uses the same weights)."""
+    from training.data import TaskData
+
+    rng = np.random.default_rng(0)
+    x = rng.random((48, 3, 8, 8)).astype(np.float32)
+    y = (x[:, 0].mean(axis=(1, 2)) > 0.5).astype(np.int64)
+    tasks = [TaskData("img", x[:32], y[:32], x[32:], y[32:])]
+    stats = {}
+    for weight in (0.0, 1.0):
+        cfg = build_config(benchmark="custom", iterations=1, batch_size=16, outlier_weight=weight,
+                           target={"kind": "resnet", "resnet_blocks": 1, "resnet_width": 4},
+                           hypernet={"hidden": [8], "chunk_size": 300, "task_emb_dim": 5,
+                                     "chunk_emb_dim": 3})
+        method = make_method(cfg, tasks)
+        run_tasks(method, tasks, cfg, progress=False)
+        stats[weight] = {k: v.clone() for k, v in method.model.task_buffers["img"].items()}
+        assert method.model.target.training is False
+    assert stats[0.0].keys() == stats[1.0].keys()
+    assert all(torch.equal(stats[0.0][k], stats[1.0][k]) for k in stats[0.0])
+    assert not torch.equal(stats[1.0]["bn1.running_mean"],
+                           torch.zeros_like(stats[1.0]["bn1.running_mean"]))
