@@ -37,7 +37,8 @@ def tiles(img: torch.Tensor, size: int) -> list[torch.Tensor]:
 def test_geometry_of_images_and_square_flat_inputs():
     assert image_geometry((784,)) == (1, 28, 28)
     assert image_geometry((3, 32, 32)) == (3, 32, 32)
-    for shape in ((12,), (783,), (4, 196), (1, 2, 2)):
+    assert image_geometry((28, 20)) == (1, 28, 20)
+    for shape in ((12,), (783,), (2, 196), (1, 2, 2), (1, 2, 3, 4)):
         with pytest.raises(ConfigError, match="need image inputs"):
             image_geometry(shape)
     with pytest.raises(ConfigError, match="'rotate' needs square images"):

@@ -14,7 +14,8 @@ the continual-learning setting is unchanged. This is not in the paper (which tra
 loss alone); it is off by default.
 
 Outliers come from one kind per step, drawn at random from ``outlier_kinds``; inputs are read as
-images ``(C, H, W)`` (flat inputs of a square length, e.g. 784 = 28x28, as one channel):
+images ``(C, H, W)`` (``(H, W)`` and flat inputs of a square length, e.g. 784 = 28x28, as one
+channel):
 
 * ``rotate``: a quarter turn (either way; square images only);
 * ``flip``: a half turn;
@@ -39,18 +40,22 @@ BANDS = 16
 
 
 def image_geometry(input_shape: Sequence[int]) -> tuple[int, int, int]:
-    """``(C, H, W)`` of an input shape: images as they are, flat inputs of square length as one
-    channel. Anything else has no geometry to make outliers from (ConfigError)."""
+    """``(C, H, W)`` of an input shape: images as they are (``(H, W)``: one channel), flat inputs
+    of square length as one channel. Anything else has no geometry to make outliers from
+    (ConfigError)."""
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3 and min(shape[1:]) >= GRID:
         return shape[0], shape[1], shape[2]
+    if len(shape) == 2 and min(shape) >= GRID:  # one-channel images without a channel axis
+        return 1, shape[0], shape[1]
     if len(shape) == 1:
         side = math.isqrt(shape[0])
         if side * side == shape[0] and side >= GRID:
             return 1, side, side
     raise ConfigError(
-        f"self-generated outliers (outlier_weight > 0) need image inputs: (C, H, W) or flat "
-        f"inputs of a square length such as 784 = 28x28; these inputs are shaped {list(shape)}"
+        f"self-generated outliers (outlier_weight > 0) need image inputs: (C, H, W), (H, W) or "
+        f"flat inputs of a square length such as 784 = 28x28; these inputs are shaped "
+        f"{list(shape)}"
     )
 
 
