@@ -312,8 +312,8 @@ def reference_table(runs: list[Run]) -> tuple[str, dict[str, float]]:
 
 
 # -- plots ----------------------------------------------------------------------------------
-COLORS = {"hnet": "C0", "hnet-oe": "C4", "hypnettorch": "C9", "finetune": "C3", "ewc": "C1", "si": "C2",
-          "independent": "C7"}
+COLORS = {"hnet": "C0", "hnet-oe": "C4", "hypnettorch": "C9", "finetune": "C3", "ewc": "C1",
+          "si": "C2", "independent": "C7"}
 
 
 def plot_curves(runs: list[Run], path: Any, title: str) -> None:
@@ -497,8 +497,7 @@ def write_outputs(args: argparse.Namespace, spec: dict[str, Any], cfg: TrainConf
         f"(mean ± std over seeds). HNET+ENT temperature {args.temperature}. "
         + (f"hnet-oe: outlier weight {args.outlier_weight}, kinds "
            f"{', '.join(cfg.outlier_kinds)}. " if "hnet-oe" in methods else "")
-        + 
-        f"Machine: {machine()}, denormals "
+        + f"Machine: {machine()}, denormals "
         f"{'kept' if args.keep_denormals else 'flushed to zero'}, shared with other jobs (CPU "
         f"time is this process's own); the whole script took {total / 60:.1f} min"
         + (" (`--quick` smoke run: numbers are not meaningful)" if args.quick else "")

@@ -45,13 +45,12 @@ from hnet_serve.targets import MLPConfig, ResNetConfig, TargetNet, build_target
 from training.config import TrainConfig
 from training.data import TaskData
 from training.evaluate import Predict
-from training.outliers import outlier_loss
+from training.outliers import make_outlier_maker, outlier_loss
 from training.trainer import (
     ContinualMethod,
     StepStats,
     TrainResult,
     build_model,
-    make_outlier_maker,
     register_method,
     run_tasks,
     task_seed,

@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from hnet_serve.errors import ConfigError
 from training import OUTLIER_KINDS
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 GRID = 4  # patches: a GRID x GRID grid
 BANDS = 16
@@ -115,6 +119,15 @@ class OutlierMaker:
             out = flat.clone()
             out[:, :d] = flat[:, :d].reshape(b, BANDS, -1)[:, self._perm(BANDS)].reshape(b, d)
         return out.reshape(x.shape)
+
+
+def make_outlier_maker(config: TrainConfig, input_shape: Sequence[int],
+                       generator: torch.Generator) -> OutlierMaker | None:
+    """The outlier maker of a training method (None when ``outlier_weight`` is 0); ConfigError,
+    before any training, for inputs it cannot make outliers from."""
+    if config.outlier_weight <= 0:
+        return None
+    return OutlierMaker(tuple(input_shape), config.outlier_kinds, generator)
 
 
 def uniform_loss(logits: torch.Tensor) -> torch.Tensor:

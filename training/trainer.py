@@ -31,7 +31,7 @@ from hnet_serve.targets import MLPConfig, ResNetConfig
 from training.config import TrainConfig
 from training.data import TaskData, input_stats
 from training.evaluate import Predict, accuracy_of, continual_metrics, predictor
-from training.outliers import OutlierMaker, outlier_loss
+from training.outliers import make_outlier_maker, outlier_loss
 from training.regularizer import Snapshot, make_snapshot, output_regularizer
 
 
@@ -265,15 +265,6 @@ def _train_one(
 
 
 # -- the hypernetwork method ----------------------------------------------------------------
-def make_outlier_maker(config: TrainConfig, input_shape: Any, generator: torch.Generator
-                       ) -> OutlierMaker | None:
-    """The outlier maker of a method (None when ``outlier_weight`` is 0); ConfigError, before
-    any training, for inputs it cannot make outliers from."""
-    if config.outlier_weight <= 0:
-        return None
-    return OutlierMaker(tuple(input_shape), config.outlier_kinds, generator)
-
-
 def make_adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
     """Adam with the fused kernel where available (several times faster on CPU for the large
     output layer of a hypernetwork; same update rule)."""
