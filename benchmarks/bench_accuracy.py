@@ -26,11 +26,11 @@ import time
 import torch
 
 from benchmarks._report import ROOT, machine, table, write_section
-from training.api import load_benchmark, train_tasks
-from training.baselines import train_baseline
-from training.config import TrainConfig, build_config
-from training.evaluate import plot_accuracy_matrix, plot_embeddings
-from training.trainer import TrainResult
+from hnet_serve.training.api import load_benchmark, train_tasks
+from hnet_serve.training.baselines import train_baseline
+from hnet_serve.training.config import TrainConfig, build_config
+from hnet_serve.training.evaluate import plot_accuracy_matrix, plot_embeddings
+from hnet_serve.training.trainer import TrainResult
 
 IMG = ROOT / "docs" / "img"
 COLUMNS = ["method", "final mean acc", "BWT", "forgetting", "stored params", "time (s)"]

@@ -26,10 +26,10 @@ import torch
 
 from benchmarks._report import ROOT, machine, table, write_section
 from benchmarks.bench_reproduction import COMPRESSIVE_HNET
-from training.config import build_config
-from training.data import TaskData, build_benchmark
-from training.evaluate import accuracy, plot_accuracy_matrix
-from training.trainer import TrainResult, make_method, run_tasks
+from hnet_serve.training.config import build_config
+from hnet_serve.training.data import TaskData, build_benchmark
+from hnet_serve.training.evaluate import accuracy, plot_accuracy_matrix
+from hnet_serve.training.trainer import TrainResult, make_method, run_tasks
 
 IMG = ROOT / "docs" / "img"
 # The long run's networks: an MLP 300-300 target (328,810 weights) and a chunked hypernetwork
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def plot_long(task1: list[float], after: np.ndarray, final: np.ndarray, path: Path, n: int
               ) -> None:
-    from training.evaluate import pyplot
+    from hnet_serve.training.evaluate import pyplot
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from benchmarks._report import ROOT, machine, table, write_section
-from training.baselines import BaselineOptions, make_baseline, train_baseline
-from training.cl_scenarios import (
+from hnet_serve.training.baselines import BaselineOptions, make_baseline, train_baseline
+from hnet_serve.training.cl_scenarios import (
     SCENARIOS,
     ScenarioScores,
     evaluate_hnet,
@@ -45,10 +45,10 @@ from training.cl_scenarios import (
     scenario_config,
     scenario_tasks,
 )
-from training.config import TrainConfig, build_config
-from training.data import TaskData, build_benchmark
-from training.evaluate import plot_accuracy_matrix, plot_embeddings
-from training.trainer import ContinualMethod, TrainResult, make_method, run_tasks
+from hnet_serve.training.config import TrainConfig, build_config
+from hnet_serve.training.data import TaskData, build_benchmark
+from hnet_serve.training.evaluate import plot_accuracy_matrix, plot_embeddings
+from hnet_serve.training.trainer import ContinualMethod, TrainResult, make_method, run_tasks
 
 IMG = ROOT / "docs" / "img"
 
@@ -318,7 +318,7 @@ COLORS = {"hnet": "C0", "hnet-oe": "C4", "hypnettorch": "C9", "finetune": "C3", 
 
 def plot_curves(runs: list[Run], path: Any, title: str) -> None:
     """Mean accuracy over the tasks learned so far, after each task; one panel per scenario."""
-    from training.evaluate import pyplot
+    from hnet_serve.training.evaluate import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -361,7 +361,7 @@ def warm_up(data: dict[str, Any], cfg_over: dict[str, Any], args: argparse.Names
 def plot_confusion(confusion: list[list[float]], names: list[str], path: Path, title: str
                    ) -> None:
     """Heatmap: rows true task, columns the task the entropy rule picked (fraction of inputs)."""
-    from training.evaluate import pyplot
+    from hnet_serve.training.evaluate import pyplot
 
     plt = pyplot()
     data = 100 * np.asarray(confusion)

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 from benchmarks._report import machine, table, write_section
 from hnet_serve.model import HNetModel
-from training.config import build_config
-from training.data import TaskData
-from training.regularizer import make_snapshot, output_regularizer
-from training.trainer import HNetMethod, batches, build_model
+from hnet_serve.training.config import build_config
+from hnet_serve.training.data import TaskData
+from hnet_serve.training.regularizer import make_snapshot, output_regularizer
+from hnet_serve.training.trainer import HNetMethod, batches, build_model
 
 INPUT = 1024  # 28x28 padded to 32x32, as in the paper
 PAPER = {

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.model import HNetModel
-from training.config import TrainConfig
-from training.data import TaskData
-from training.evaluate import Predict
-from training.trainer import ContinualMethod, StepStats, build_model, task_seed
+from hnet_serve.training.config import TrainConfig
+from hnet_serve.training.data import TaskData
+from hnet_serve.training.evaluate import Predict
+from hnet_serve.training.trainer import ContinualMethod, StepStats, build_model, task_seed
 
 
 class HypnettorchMethod(ContinualMethod):

@@ -14,7 +14,7 @@ __all__ = ["ExportResult", "export_all", "to_dynamic_onnx", "to_onnx"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from export import onnx_export
+        from hnet_serve.export import onnx_export
 
         return getattr(onnx_export, name)
     raise AttributeError(f"module 'export' has no attribute {name!r}")

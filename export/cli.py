@@ -42,7 +42,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.dynamic and args.quantize:
         raise ConfigError("--quantize applies to per-task models, not to --dynamic")
-    from export import onnx_export
+    from hnet_serve.export import onnx_export
 
     t0 = time.perf_counter()
     if args.dynamic:

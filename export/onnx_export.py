@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 import torch
 
-from export.quantize import QuantizeReport, compare_int8, quantize_int8
-from export.verify import REAL_ROWS, TOLERANCE, Parity, session, verify_dynamic, verify_task
+from hnet_serve.export.quantize import QuantizeReport, compare_int8, quantize_int8
+from hnet_serve.export.verify import REAL_ROWS, TOLERANCE, Parity, session, verify_dynamic, verify_task
 from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint
 from hnet_serve.errors import ConfigError, ExportError, HNetError
 from hnet_serve.fsutil import fsync_path, temp_sibling, write_atomic
@@ -107,7 +107,7 @@ def recorded_test_data(model: HNetModel, names: list[str]
     """The recorded test data of ``names`` as ``(x, y)`` shaped for the model, and, for tasks
     without it, why. Uses ``training`` (imported lazily: a serving install has no training)."""
     try:
-        from training.evaluate import recorded_tasks
+        from hnet_serve.training.evaluate import recorded_tasks
     except ImportError as exc:
         return {}, {n: f"training package unavailable ({exc.name})" for n in names}
     try:

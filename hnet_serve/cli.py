@@ -19,9 +19,9 @@ from hnet_serve.errors import HNetError
 
 # (module, required): optional modules may be absent from a serving-only install.
 COMMAND_MODULES: list[tuple[str, bool]] = [
-    ("training.cli", False),  # train, add-task, eval
-    ("training.quickstart", False),  # quickstart
-    ("export.cli", False),  # export
+    ("hnet_serve.training.cli", False),  # train, add-task, eval
+    ("hnet_serve.training.quickstart", False),  # quickstart
+    ("hnet_serve.export.cli", False),  # export
     ("hnet_serve.scoring", False),  # score
     ("hnet_serve.serve_cli", False),  # serve
     ("hnet_serve.cli", True),  # info

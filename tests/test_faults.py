@@ -44,7 +44,7 @@ from tests.conftest import tiny_mlp_model
 from tests.test_service import mlp_checkpoint, start
 from tests.test_service_http import child_env, free_port, serving, stop_process_group
 from tests.test_training import files_digest, make_task, save_npz, tiny_config
-from training.api import add_task, load_benchmark, train_tasks
+from hnet_serve.training.api import add_task, load_benchmark, train_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW = [0.25] * 12
@@ -93,7 +93,7 @@ import functools, os, signal, sys
 import hnet_serve.backends as backends
 import hnet_serve.checkpoint as ckpt
 import hnet_serve.runtime as runtime
-import training.api
+from hnet_serve.training import api as training_api
 
 def die(*_):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -108,7 +108,7 @@ if mode == "mid-write":
         write(path, data, **kw)
     ckpt.write_synced = write_half_then_die
 elif mode == "before-rename":
-    training.api.save_checkpoint = functools.partial(ckpt.save_checkpoint, _before_swap=die)
+    training_api.save_checkpoint = functools.partial(ckpt.save_checkpoint, _before_swap=die)
 from hnet_serve.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from hnet_serve.errors import HNetError
 from hnet_serve.io_formats import read_chunks
-from training.data import load_task_file, read_cifar_bin, read_idx
+from hnet_serve.training.data import load_task_file, read_cifar_bin, read_idx
 
 FUZZ = settings(
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

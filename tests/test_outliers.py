@@ -11,11 +11,11 @@ import torch
 
 from hnet_serve.errors import ConfigError
 from hnet_serve.runtime import softmax
-from training.api import load_benchmark
-from training.baselines import make_baseline
-from training.config import build_config
-from training.outliers import OutlierMaker, image_geometry, outlier_loss, uniform_loss
-from training.trainer import make_method, run_tasks
+from hnet_serve.training.api import load_benchmark
+from hnet_serve.training.baselines import make_baseline
+from hnet_serve.training.config import build_config
+from hnet_serve.training.outliers import OutlierMaker, image_geometry, outlier_loss, uniform_loss
+from hnet_serve.training.trainer import make_method, run_tasks
 
 
 def maker(kind: str, shape=(784,), seed: int = 0) -> OutlierMaker:
@@ -161,7 +161,7 @@ def test_outlier_weight_needs_inputs_with_geometry():
 def test_outliers_leave_batch_norm_statistics_alone():
     """A ResNet target's running statistics after one step come from the task's batch only:
     the same with and without the outlier loss (the step's forward uses the same weights)."""
-    from training.data import TaskData
+    from hnet_serve.training.data import TaskData
 
     rng = np.random.default_rng(0)
     x = rng.random((48, 3, 8, 8)).astype(np.float32)

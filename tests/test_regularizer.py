@@ -9,7 +9,7 @@ import torch
 
 from hnet_serve.errors import ConfigError, InputError
 from tests.conftest import tiny_mlp_model
-from training.regularizer import choose_method, make_snapshot, output_regularizer
+from hnet_serve.training.regularizer import choose_method, make_snapshot, output_regularizer
 
 OLD = [0, 1, 2]
 

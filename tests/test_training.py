@@ -12,11 +12,11 @@ import torch
 from hnet_serve.checkpoint import load_checkpoint
 from hnet_serve.errors import ForgettingError, InputError, TaskExistsError
 from tests.conftest import tiny_mlp_model
-from training.api import add_task, evaluate_checkpoint, load_benchmark, train_tasks, write_report
-from training.config import TrainConfig, build_config
-from training.data import TaskData
-from training.evaluate import accuracy, continual_metrics, weight_drift
-from training.trainer import (
+from hnet_serve.training.api import add_task, evaluate_checkpoint, load_benchmark, train_tasks, write_report
+from hnet_serve.training.config import TrainConfig, build_config
+from hnet_serve.training.data import TaskData
+from hnet_serve.training.evaluate import accuracy, continual_metrics, weight_drift
+from hnet_serve.training.trainer import (
     HNetMethod,
     Interrupted,
     adam_lookahead,

@@ -23,10 +23,10 @@ from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint, save_checkpo
 from hnet_serve.errors import ForgettingError, InputError, TaskExistsError
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import validate_task_name
-from training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT
-from training.config import TrainConfig, build_config
-from training.data import TaskData, build_benchmark, load_task_file
-from training.evaluate import (
+from hnet_serve.training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT
+from hnet_serve.training.config import TrainConfig, build_config
+from hnet_serve.training.data import TaskData, build_benchmark, load_task_file
+from hnet_serve.training.evaluate import (
     accuracy,
     evaluate_model,
     plot_accuracy_matrix,
@@ -34,7 +34,7 @@ from training.evaluate import (
     recorded_tasks,
     weight_drift,
 )
-from training.trainer import HNetMethod, TrainResult, make_method, run_tasks
+from hnet_serve.training.trainer import HNetMethod, TrainResult, make_method, run_tasks
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool, protect: str | os.PathLike | None = None

@@ -42,11 +42,11 @@ from torch.func import functional_call, grad, vmap
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.model import HNetModel
 from hnet_serve.targets import MLPConfig, ResNetConfig, TargetNet, build_target
-from training.config import TrainConfig
-from training.data import TaskData
-from training.evaluate import Predict
-from training.outliers import make_outlier_maker, outlier_loss
-from training.trainer import (
+from hnet_serve.training.config import TrainConfig
+from hnet_serve.training.data import TaskData
+from hnet_serve.training.evaluate import Predict
+from hnet_serve.training.outliers import make_outlier_maker, outlier_loss
+from hnet_serve.training.trainer import (
     ContinualMethod,
     StepStats,
     TrainResult,

@@ -29,9 +29,9 @@ import torch
 from hnet_serve.errors import InputError
 from hnet_serve.model import HNetModel
 from hnet_serve.runtime import TaskInference, infer_tasks, select_by_entropy
-from training.config import TrainConfig
-from training.data import TaskData
-from training.evaluate import Predict
+from hnet_serve.training.config import TrainConfig
+from hnet_serve.training.data import TaskData
+from hnet_serve.training.evaluate import Predict
 
 Scenario = Literal["cl1", "cl2", "cl3"]
 SCENARIOS: tuple[Scenario, ...] = ("cl1", "cl2", "cl3")

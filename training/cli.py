@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hnet_serve.errors import ConfigError
-from training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT, OUTLIER_KINDS
+from hnet_serve.training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT, OUTLIER_KINDS
 
 BENCHMARK_CHOICES = ["permuted-mnist", "split-mnist", "split-cifar", "custom"]
 DATASET_CHOICES = ["mnist5k", "fashion-mnist", "idx-dir", "cifar"]
@@ -122,9 +122,9 @@ def _pct(v: float | None) -> str:
 # -- train ----------------------------------------------------------------------------------
 def _cmd_train(args: argparse.Namespace) -> int:
     from hnet_serve.cli import print_json
-    from training.api import check_out_dir, load_benchmark, train_tasks
-    from training.config import build_config
-    from training.trainer import Interrupted
+    from hnet_serve.training.api import check_out_dir, load_benchmark, train_tasks
+    from hnet_serve.training.config import build_config
+    from hnet_serve.training.trainer import Interrupted
 
     _set_threads(args)
     target = {"hidden": args.target_hidden} if args.target_hidden else {}
@@ -144,7 +144,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if options:  # flags override the config file's method_options, key by key
         config = config.model_copy(
             update={"method_options": {**config.method_options, **options}})
-        from training.baselines import BaselineOptions
+        from hnet_serve.training.baselines import BaselineOptions
 
         BaselineOptions.from_config(config)  # range-check the flags before loading data
     # Only the hypernetwork makes a servable checkpoint; baselines (--method finetune, ewc, ...)
@@ -185,7 +185,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_add_task(args: argparse.Namespace) -> int:
     from hnet_serve.cli import print_json
     from hnet_serve.errors import ForgettingError
-    from training.api import add_task
+    from hnet_serve.training.api import add_task
 
     _set_threads(args)
     try:
@@ -218,8 +218,8 @@ def _cmd_add_task(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from hnet_serve.checkpoint import read_manifest
     from hnet_serve.cli import print_json
-    from training.api import evaluate_checkpoint
-    from training.data import build_benchmark, load_task_file
+    from hnet_serve.training.api import evaluate_checkpoint
+    from hnet_serve.training.data import build_benchmark, load_task_file
 
     _set_threads(args)
     tasks = None

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hnet_serve.errors import ConfigError
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.targets import Activation
-from training import DEFAULT_OUTLIER_KINDS, OutlierKind
+from hnet_serve.training import DEFAULT_OUTLIER_KINDS, OutlierKind
 
 Benchmark = Literal["permuted-mnist", "split-mnist", "split-cifar", "custom"]
 Dataset = Literal["mnist5k", "fashion-mnist", "idx-dir", "cifar"]

@@ -19,7 +19,7 @@ import torch
 
 from hnet_serve.errors import HNetError
 from hnet_serve.model import HNetModel
-from training.data import DataError, TaskData, build_benchmark, file_sha256, load_task_file
+from hnet_serve.training.data import DataError, TaskData, build_benchmark, file_sha256, load_task_file
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from hnet_serve.errors import ConfigError
-from training import OUTLIER_KINDS
+from hnet_serve.training import OUTLIER_KINDS
 
 if TYPE_CHECKING:
-    from training.config import TrainConfig
+    from hnet_serve.training.config import TrainConfig
 
 GRID = 4  # patches: a GRID x GRID grid
 BANDS = 16

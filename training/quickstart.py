@@ -54,9 +54,9 @@ def wait_ready(url: str, proc, timeout: float = 120.0) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export import to_onnx
+    from hnet_serve.export import to_onnx
     from hnet_serve.cli import print_json
-    from training.api import train_benchmark
+    from hnet_serve.training.api import train_benchmark
 
     out = Path(args.out)
     ckpt = out / "checkpoint"
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _example_request(model, task: str) -> tuple[dict[str, Any], int]:
     """One real test digit of ``task`` (from the recorded benchmark data) and its label."""
-    from training.evaluate import recorded_tasks
+    from hnet_serve.training.evaluate import recorded_tasks
 
     found, missing = recorded_tasks(model, [task])
     if task not in found:

@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.model import HNetModel
 from hnet_serve.targets import MLPConfig, ResNetConfig
-from training.config import TrainConfig
-from training.data import TaskData, input_stats
-from training.evaluate import Predict, accuracy_of, continual_metrics, predictor
-from training.outliers import make_outlier_maker, outlier_loss
-from training.regularizer import Snapshot, make_snapshot, output_regularizer
+from hnet_serve.training.config import TrainConfig
+from hnet_serve.training.data import TaskData, input_stats
+from hnet_serve.training.evaluate import Predict, accuracy_of, continual_metrics, predictor
+from hnet_serve.training.outliers import make_outlier_maker, outlier_loss
+from hnet_serve.training.regularizer import Snapshot, make_snapshot, output_regularizer
 
 
 class StepStats(NamedTuple):
@@ -84,7 +84,7 @@ def make_method(
 ) -> ContinualMethod:
     if config.method not in _METHODS:
         try:  # baselines live in an optional module that registers itself on import
-            importlib.import_module("training.baselines")
+            importlib.import_module("hnet_serve.training.baselines")
         except ModuleNotFoundError:
             pass
     factory = _METHODS.get(config.method)
