@@ -27,10 +27,10 @@ import torch
 
 from benchmarks._report import ROOT, machine, table, write_section
 from hnet_serve.training.api import load_benchmark, train_tasks
-from hnet_serve.training.baselines import train_baseline
 from hnet_serve.training.config import TrainConfig, build_config
 from hnet_serve.training.evaluate import plot_accuracy_matrix, plot_embeddings
-from hnet_serve.training.trainer import TrainResult
+from hnet_serve.training.loop import TrainResult
+from hnet_serve.training.methods.baselines import train_baseline
 
 IMG = ROOT / "docs" / "img"
 COLUMNS = ["method", "final mean acc", "BWT", "forgetting", "stored params", "time (s)"]

@@ -23,10 +23,11 @@ import torch
 from benchmarks._report import machine, table, write_section
 from benchmarks.bench_reproduction import BENCHMARKS
 from hnet_serve.training.api import load_benchmark
-from hnet_serve.training.baselines import make_baseline
 from hnet_serve.training.cl_scenarios import evaluate_hnet, evaluate_predictors, scenario_config
 from hnet_serve.training.config import build_config
-from hnet_serve.training.trainer import make_method, run_tasks
+from hnet_serve.training.loop import run_tasks
+from hnet_serve.training.methods.baselines import make_baseline
+from hnet_serve.training.methods.registry import make_method
 
 SECTION = "repro-cl3-grid"
 BASE: dict[str, Any] = BENCHMARKS["split-mnist"]["config"]

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hnet_serve import export
 from benchmarks._report import machine, pmnist_model, table, timeit, write_section
-from hnet_serve.export.verify import session
+from hnet_serve import export
 from hnet_serve.checkpoint import save_checkpoint
+from hnet_serve.export.verify import session
 from hnet_serve.model import HNetModel
 from hnet_serve.onnx_graph import TaskGraph
 

@@ -29,7 +29,8 @@ from benchmarks.bench_reproduction import COMPRESSIVE_HNET
 from hnet_serve.training.config import build_config
 from hnet_serve.training.data import TaskData, build_benchmark
 from hnet_serve.training.evaluate import accuracy, plot_accuracy_matrix
-from hnet_serve.training.trainer import TrainResult, make_method, run_tasks
+from hnet_serve.training.loop import TrainResult, run_tasks
+from hnet_serve.training.methods.registry import make_method
 
 IMG = ROOT / "docs" / "img"
 # The long run's networks: an MLP 300-300 target (328,810 weights) and a chunked hypernetwork

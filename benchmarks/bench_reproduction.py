@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from benchmarks._report import ROOT, machine, table, write_section
-from hnet_serve.training.baselines import BaselineOptions, make_baseline, train_baseline
 from hnet_serve.training.cl_scenarios import (
     SCENARIOS,
     ScenarioScores,
@@ -48,7 +47,10 @@ from hnet_serve.training.cl_scenarios import (
 from hnet_serve.training.config import TrainConfig, build_config
 from hnet_serve.training.data import TaskData, build_benchmark
 from hnet_serve.training.evaluate import plot_accuracy_matrix, plot_embeddings
-from hnet_serve.training.trainer import ContinualMethod, TrainResult, make_method, run_tasks
+from hnet_serve.training.loop import TrainResult, run_tasks
+from hnet_serve.training.methods.base import ContinualMethod
+from hnet_serve.training.methods.baselines import BaselineOptions, make_baseline, train_baseline
+from hnet_serve.training.methods.registry import make_method
 
 IMG = ROOT / "docs" / "img"
 

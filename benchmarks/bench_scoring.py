@@ -32,7 +32,8 @@ from benchmarks._report import ROOT, machine, table, write_section
 from hnet_serve.checkpoint import save_checkpoint
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
-from hnet_serve.scoring import DEFAULT_BATCH_SIZE, Scorer, ScoringConfig, score_file
+from hnet_serve.scoring import DEFAULT_BATCH_SIZE
+from hnet_serve.scoring.scorer import Scorer, ScoringConfig, score_file
 from hnet_serve.targets import MLPConfig
 
 TASK = "task-0"
@@ -146,7 +147,7 @@ def ray_rows_per_s(ckpt: Path, src: Path, out_dir: Path, batch: int, rows: int) 
         os.environ.setdefault(key, value)
     import ray
 
-    from hnet_serve.ray_scoring import score_dataset
+    from hnet_serve.scoring.ray import score_dataset
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
@@ -176,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 2)
     batch = args.batch_size
 
-    from hnet_serve.backends import default_threads
-    from hnet_serve.runtime import Runtime
+    from hnet_serve.serving.backends import default_threads
+    from hnet_serve.serving.runtime import Runtime
 
     threads = default_threads()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_scoring_"))

@@ -55,7 +55,7 @@ class StaticOnnxService:
     def __init__(self) -> None:
         import onnxruntime as ort
 
-        from hnet_serve.backends import session_options
+        from hnet_serve.serving.backends import session_options
 
         threads = int(os.environ.get("BENCH_THREADS", "1"))
         self.session = ort.InferenceSession(
@@ -65,7 +65,7 @@ class StaticOnnxService:
 
     @bentoml.api(route="/predict")
     def predict(self, inputs: list[list[float]], task: str | None = None) -> dict[str, Any]:
-        from hnet_serve.runtime import softmax
+        from hnet_serve.task_inference import softmax
 
         x = np.asarray(inputs, dtype=np.float32)
         (logits,) = self.session.run(["logits"], {"input": x})
@@ -120,8 +120,9 @@ def bench_latency(model, threads: int, quick: bool) -> str:
     import onnxruntime as ort
 
     from benchmarks._report import table
-    from hnet_serve.backends import session_options
-    from hnet_serve.runtime import Runtime, ServingConfig
+    from hnet_serve.serving.backends import session_options
+    from hnet_serve.serving.config import ServingConfig
+    from hnet_serve.serving.runtime import Runtime
 
     rt = Runtime(model, ServingConfig(backend="onnx", intra_op_threads=threads))
     torch_rt = Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads))
@@ -161,7 +162,8 @@ def bench_latency(model, threads: int, quick: bool) -> str:
 # -- 2. cold miss -----------------------------------------------------------------------------
 def bench_cold_miss(model, threads: int, quick: bool) -> str:
     from benchmarks._report import table
-    from hnet_serve.runtime import Runtime, ServingConfig
+    from hnet_serve.serving.config import ServingConfig
+    from hnet_serve.serving.runtime import Runtime
 
     x = np.zeros((1, INPUT), np.float32)
     rows = []
@@ -206,8 +208,9 @@ def bench_cold_miss(model, threads: int, quick: bool) -> str:
 def bench_mixed(threads: int, quick: bool) -> str:
     import torch
 
-    from hnet_serve import backends
-    from hnet_serve.runtime import Runtime, ServingConfig
+    from hnet_serve.serving import backends
+    from hnet_serve.serving.config import ServingConfig
+    from hnet_serve.serving.runtime import Runtime
 
     torch.set_num_threads(threads)
     n_tasks = 32
@@ -265,8 +268,9 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool) -> str:
     import torch
 
     from benchmarks._report import table
-    from hnet_serve.backends import Group
-    from hnet_serve.runtime import Runtime, ServingConfig
+    from hnet_serve.serving.backends import Group
+    from hnet_serve.serving.config import ServingConfig
+    from hnet_serve.serving.runtime import Runtime
 
     rt = Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads,
                                       cache_bytes=2 * 2**30))

@@ -30,8 +30,9 @@ from benchmarks._report import machine, table, write_section
 from hnet_serve.model import HNetModel
 from hnet_serve.training.config import build_config
 from hnet_serve.training.data import TaskData
+from hnet_serve.training.loop import batches
+from hnet_serve.training.methods.hnet import HNetMethod, build_model
 from hnet_serve.training.regularizer import make_snapshot, output_regularizer
-from hnet_serve.training.trainer import HNetMethod, batches, build_model
 
 INPUT = 1024  # 28x28 padded to 32x32, as in the paper
 PAPER = {

@@ -26,7 +26,8 @@ from hnet_serve.model import HNetModel
 from hnet_serve.training.config import TrainConfig
 from hnet_serve.training.data import TaskData
 from hnet_serve.training.evaluate import Predict
-from hnet_serve.training.trainer import ContinualMethod, StepStats, build_model, task_seed
+from hnet_serve.training.methods.base import ContinualMethod, StepStats, task_seed
+from hnet_serve.training.methods.hnet import build_model
 
 
 class HypnettorchMethod(ContinualMethod):

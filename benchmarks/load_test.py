@@ -20,7 +20,7 @@ tree (``hnet-serve serve`` -> ``bentoml serve`` -> worker) is sampled every 0.2 
 and the worker's exact peak read from the kernel (VmHWM, reset when the mixed phase starts).
 The worker holds the cache, so its peak must stay within its RSS at readiness (pinned tasks
 generated) + the unpinned cache bytes + a fixed allowance: two generation steps
-(``hnet_serve.runtime.STEP_BYTES``: a step's generated batch and its per-task copies) + 128 MiB
+(``hnet_serve.serving.runtime.STEP_BYTES``: a step's generated batch and its per-task copies) + 128 MiB
 of allocator slack and request buffers (``--slack-mib``).
 
 Exits 1 if any check fails; writes its tables to docs/benchmarks.md (section "load").
@@ -80,7 +80,8 @@ class PhaseResult:
 def build_bodies(model, hot: list[str], cold: list[str], mix: dict[str, float], n: int,
                  seed: int) -> list[Body]:
     """``n`` request bodies drawn from ``mix``, with the reference runtime's answers."""
-    from hnet_serve.runtime import Runtime, ServingConfig
+    from hnet_serve.serving.config import ServingConfig
+    from hnet_serve.serving.runtime import Runtime
 
     ref = Runtime(model, ServingConfig(cache_bytes=2**40))  # each task generated once
     rng = random.Random(seed)
@@ -232,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks._report import machine, table, write_section
     from benchmarks.bench_serving import build_model, free_port, server
-    from hnet_serve.backends import nbytes_estimate
     from hnet_serve.checkpoint import save_checkpoint
-    from hnet_serve.runtime import STEP_BYTES
+    from hnet_serve.serving.backends import nbytes_estimate
+    from hnet_serve.serving.runtime import STEP_BYTES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short smoke run (10 s)")

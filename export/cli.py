@@ -16,9 +16,9 @@ from hnet_serve.errors import ConfigError
 
 
 def _describe(result: Any) -> str:
-    from hnet_serve.cli import _human_bytes
+    from hnet_serve.console import human_bytes
 
-    line = f"wrote {result.path} ({_human_bytes(result.bytes)}"
+    line = f"wrote {result.path} ({human_bytes(result.bytes)}"
     if result.verified:
         real = f", {result.real_rows} real" if result.real_rows else ""
         line += (f", max |onnx - torch| {result.max_abs_diff:.2g} over {result.rows_checked} "
@@ -29,7 +29,7 @@ def _describe(result: Any) -> str:
     q = result.quantized
     if q is not None:
         what = "accuracy" if q.metric == "accuracy" else "argmax agreement with float"
-        line += (f"\n  int8: {q.path} ({_human_bytes(q.bytes)}), {what} {q.float_value:.4f} -> "
+        line += (f"\n  int8: {q.path} ({human_bytes(q.bytes)}), {what} {q.float_value:.4f} -> "
                  f"{q.int8_value:.4f} ({q.change:+.4f}) on {q.rows} rows, "
                  f"max logit change {q.max_abs_diff:.3g}")
     if result.data_note and (result.verified or q is not None):
@@ -38,7 +38,7 @@ def _describe(result: Any) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from hnet_serve.cli import print_json
+    from hnet_serve.console import print_json
 
     if args.dynamic and args.quantize:
         raise ConfigError("--quantize applies to per-task models, not to --dynamic")

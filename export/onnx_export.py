@@ -24,13 +24,21 @@ import numpy as np
 import onnx
 import torch
 
-from hnet_serve.export.quantize import QuantizeReport, compare_int8, quantize_int8
-from hnet_serve.export.verify import REAL_ROWS, TOLERANCE, Parity, session, verify_dynamic, verify_task
 from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint
 from hnet_serve.errors import ConfigError, ExportError, HNetError
+from hnet_serve.export.dynamic_graph import dynamic_model_proto
+from hnet_serve.export.quantize import QuantizeReport, compare_int8, quantize_int8
+from hnet_serve.export.verify import (
+    REAL_ROWS,
+    TOLERANCE,
+    Parity,
+    session,
+    verify_dynamic,
+    verify_task,
+)
 from hnet_serve.fsutil import fsync_path, temp_sibling, write_atomic
 from hnet_serve.model import HNetModel
-from hnet_serve.onnx_graph import TaskGraph, dynamic_model_proto, opset_of
+from hnet_serve.onnx_graph import TaskGraph, opset_of
 from hnet_serve.registry import validate_task_name
 
 Source = str | os.PathLike | HNetModel
@@ -107,7 +115,7 @@ def recorded_test_data(model: HNetModel, names: list[str]
     """The recorded test data of ``names`` as ``(x, y)`` shaped for the model, and, for tasks
     without it, why. Uses ``training`` (imported lazily: a serving install has no training)."""
     try:
-        from hnet_serve.training.evaluate import recorded_tasks
+        from hnet_serve.training.data.provenance import recorded_tasks
     except ImportError as exc:
         return {}, {n: f"training package unavailable ({exc.name})" for n in names}
     try:

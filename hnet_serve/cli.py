@@ -10,36 +10,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
-from typing import Any
 
 from hnet_serve import __version__
+from hnet_serve.console import human_bytes, print_json
 from hnet_serve.errors import HNetError
 
 # (module, required): optional modules may be absent from a serving-only install.
 COMMAND_MODULES: list[tuple[str, bool]] = [
     ("hnet_serve.training.cli", False),  # train, add-task, eval
-    ("hnet_serve.training.quickstart", False),  # quickstart
+    ("hnet_serve.quickstart", False),  # quickstart
     ("hnet_serve.export.cli", False),  # export
-    ("hnet_serve.scoring", False),  # score
-    ("hnet_serve.serve_cli", False),  # serve
+    ("hnet_serve.scoring.cli", False),  # score
+    ("hnet_serve.serving.cli", False),  # serve
     ("hnet_serve.cli", True),  # info
 ]
-
-
-def print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
-    sys.stdout.write("\n")
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} GiB"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -60,7 +45,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"(+ {info['embedding_params']:,} in task embeddings)")
     print(f"compression ratio: {info['compression_ratio']:.4f}")
     for name, size in info["files"].items():
-        print(f"file:       {name} ({_human_bytes(size)})")
+        print(f"file:       {name} ({human_bytes(size)})")
     print(f"tasks ({len(info['tasks'])}):")
     for task in info["tasks"]:
         acc = task["metrics"].get("accuracy")

@@ -101,15 +101,7 @@ class HNetModel:
     def info(self) -> dict[str, Any]:
         return {
             "tasks": [
-                {
-                    "name": t.name,
-                    "input_shape": list(t.input_shape),
-                    "num_classes": t.num_classes,
-                    "label_names": t.label_names,
-                    "created": t.created,
-                    "metrics": t.metrics,
-                }
-                for t in self.registry
+                {**t.summary(), "created": t.created, "metrics": t.metrics} for t in self.registry
             ],
             "target": self.target_config.model_dump(mode="json"),
             "hypernet": self.hypernet_config.model_dump(mode="json"),

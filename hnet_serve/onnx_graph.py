@@ -13,9 +13,8 @@ Baking a task therefore costs one generation plus a copy of its weights into pro
 trace. The serving runtime (onnx backend) uses this module directly; ``export/`` adds
 verification, quantization, files and the CLI on top.
 
-:func:`dynamic_model_proto` builds the other kind of graph: inputs ``task_index`` (int64 scalar)
-and ``input``, with the embedding table, the hypernetwork and all per-task buffers inside, so
-the graph generates the target weights itself.
+The other kind of graph, one file for every task with ``task_index`` as an input, is built by
+:mod:`hnet_serve.export.dynamic_graph` from the helpers here.
 
 Names in every graph: input ``input`` float32 ``[batch, *input_shape]`` (dynamic batch), output
 ``logits`` float32 ``[batch, num_classes]`` (the task's head already selected). Model-level
@@ -70,7 +69,7 @@ META_GRAPH_KIND = "hnet_serve.graph"  # "task" or "dynamic"
 UNKNOWN_HASH = "unknown"
 
 # Example batch used while tracing; the batch dimension is symbolic, so any size runs.
-_TRACE_BATCH = 3
+TRACE_BATCH = 3
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def model_state_hash(model: HNetModel) -> str:
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's warnings and log chatter (the result is checked, not trusted)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch.export")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
@@ -122,11 +121,11 @@ def _fill_tensor(t: TensorProto, name: str, array: np.ndarray) -> TensorProto:
     return t
 
 
-def _tensor_proto(name: str, array: np.ndarray) -> TensorProto:
+def tensor_proto(name: str, array: np.ndarray) -> TensorProto:
     return _fill_tensor(TensorProto(), name, array)
 
 
-def _set_dims(value: onnx.ValueInfoProto, dims: list[int | str]) -> None:
+def set_dims(value: onnx.ValueInfoProto, dims: list[int | str]) -> None:
     shape = value.type.tensor_type.shape
     del shape.dim[:]
     for d in dims:
@@ -137,14 +136,14 @@ def _set_dims(value: onnx.ValueInfoProto, dims: list[int | str]) -> None:
             dim.dim_value = d
 
 
-def _set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
 
 
-def _strip(proto: onnx.ModelProto) -> None:
+def strip(proto: onnx.ModelProto) -> None:
     """Drop exporter bookkeeping (node metadata, stale shape annotations); keep the graph."""
     del proto.graph.value_info[:]  # shapes are re-inferred; per-task class counts differ
     for node in proto.graph.node:
@@ -158,7 +157,7 @@ def _strip(proto: onnx.ModelProto) -> None:
     proto.producer_version = __version__
 
 
-def _flat_head_twin(target: TargetNet) -> TargetNet:
+def flat_head_twin(target: TargetNet) -> TargetNet:
     """A copy of ``target``'s architecture that returns *all* heads' outputs.
 
     Same parameter names and shapes (its last layer has ``num_heads * num_classes`` outputs
@@ -177,12 +176,12 @@ def _flat_head_twin(target: TargetNet) -> TargetNet:
     return twin
 
 
-def _head_columns(info: TaskInfo, num_classes: int) -> np.ndarray:
+def head_columns(info: TaskInfo, num_classes: int) -> np.ndarray:
     start = info.head * num_classes
     return np.arange(start, start + info.num_classes, dtype=np.int64)  # (C_task,)
 
 
-def _export(module: nn.Module, args: tuple, dynamic_shapes: Any, input_names: list[str],
+def trace_to_onnx(module: nn.Module, args: tuple, dynamic_shapes: Any, input_names: list[str],
             opset: int | None) -> onnx.ModelProto:
     """torch.export (non-strict) -> ONNX with the dynamo exporter, names as given."""
     try:
@@ -294,12 +293,12 @@ class TaskGraph:
         :func:`model_state_hash`. ``check`` runs the graph once in ONNX Runtime with random
         weights against PyTorch, which proves the name mapping (costs one small session)."""
         target = model.target
-        twin = _flat_head_twin(target)
+        twin = flat_head_twin(target)
         cfg = twin.config
         g = torch.Generator().manual_seed(0)
         example = [torch.randn(s, generator=g) for s in twin.param_shapes.values()]
         example += [torch.rand(s, generator=g) + 0.5 for s in twin.buffer_shapes.values()]
-        x = torch.rand(_TRACE_BATCH, *cfg.input_shape, generator=g)
+        x = torch.rand(TRACE_BATCH, *cfg.input_shape, generator=g)
         columns = torch.arange(cfg.num_classes)
         batch = torch.export.Dim(BATCH_DIM)
         dyn = {"x": {0: batch}, "columns": None, "tensors": tuple(None for _ in example)}
@@ -307,7 +306,7 @@ class TaskGraph:
         reserved = {INPUT_NAME, OUTPUT_NAME, COLUMNS_NAME}
         if reserved & set(names):
             raise ExportError(f"target names clash with reserved ONNX names: {reserved & set(names)}")
-        proto = _export(_BakedTarget(twin), (x, columns, tuple(example)), dyn,
+        proto = trace_to_onnx(_BakedTarget(twin), (x, columns, tuple(example)), dyn,
                         [INPUT_NAME, COLUMNS_NAME, *names], opset)
 
         expected = {n: (s, TensorProto.FLOAT) for n, s in twin.param_shapes.items()}
@@ -316,8 +315,8 @@ class TaskGraph:
         used = _inputs_to_initializers(proto, [INPUT_NAME], expected)
         if COLUMNS_NAME not in used:
             raise ExportError("traced graph does not read the head columns")
-        _strip(proto)
-        _set_dims(proto.graph.input[0], [BATCH_DIM, *cfg.input_shape])
+        strip(proto)
+        set_dims(proto.graph.input[0], [BATCH_DIM, *cfg.input_shape])
         graph = cls(model, proto, used, opset=opset_of(proto),
                     checkpoint_hash=checkpoint_hash or model_state_hash(model))
         if check:
@@ -352,7 +351,7 @@ class TaskGraph:
         for name in self.initializer_names:
             # Filled in place: appending a ready TensorProto would copy the weights once more.
             _fill_tensor(inits.add(), name, columns if name == COLUMNS_NAME else tensors[name])
-        _set_dims(proto.graph.output[0], [BATCH_DIM, num_classes])
+        set_dims(proto.graph.output[0], [BATCH_DIM, num_classes])
         return proto
 
     def task_tensors(self, task: str, weights: torch.Tensor | None = None) -> dict[str, np.ndarray]:
@@ -380,9 +379,9 @@ class TaskGraph:
         """
         info = self.model.registry.get(task)
         tensors = self.task_tensors(task, weights)
-        proto = self._bake(tensors, _head_columns(info, self.model.target.config.num_classes),
+        proto = self._bake(tensors, head_columns(info, self.model.target.config.num_classes),
                            info.num_classes)
-        _set_metadata(proto, self.metadata(info))
+        set_metadata(proto, self.metadata(info))
         return proto
 
     def serialize(self, task: str, weights: torch.Tensor | None = None) -> bytes:
@@ -400,104 +399,3 @@ class TaskGraph:
             META_CHECKPOINT_HASH: self.checkpoint_hash,
             META_VERSION: __version__,
         }
-
-
-# -- the dynamic graph -----------------------------------------------------------------------
-class _DynamicModule(nn.Module):
-    """``(task_index, input) -> logits``: embedding lookup, generation and the target in one."""
-
-    def __init__(self, model: HNetModel, twin: TargetNet, columns: torch.Tensor) -> None:
-        super().__init__()
-        hn = model.hypernet
-        self.hypernet = hn  # its shared parameters become initializers
-        self.twin = twin
-        self.param_names = list(twin.param_shapes)
-        self.buffer_names = list(twin.buffer_shapes)
-        self.register_buffer("task_embeddings", hn.embeddings().detach().clone())  # (T, E)
-        self.register_buffer("columns", columns)  # (T, C_max) int64
-        for i, name in enumerate(self.buffer_names):
-            table = torch.stack([model.task_buffers[t][name].detach() for t in model.task_names])
-            self.register_buffer(f"task_buffer_{i}", table)  # (T, *shape)
-
-    def forward(self, task_index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        idx = task_index.reshape(1)  # (1,)
-        emb = torch.index_select(self.task_embeddings, 0, idx)  # (1, E)
-        flat = self.hypernet.project(self.hypernet.features(emb))[0]  # (n_params,)
-        state = dict(self.twin.unflatten(flat))
-        for i, name in enumerate(self.buffer_names):
-            state[name] = torch.index_select(getattr(self, f"task_buffer_{i}"), 0, idx)[0]
-        out = functional_call(self.twin, state, (x,), strict=True)  # (B, heads * classes)
-        cols = torch.index_select(self.columns, 0, idx)[0]  # (C_max,)
-        return torch.index_select(out, 1, cols)  # (B, C_max)
-
-
-def dynamic_model_proto(model: HNetModel, *, opset: int | None = None,
-                        checkpoint_hash: str | None = None) -> onnx.ModelProto:
-    """One graph for every task: inputs ``task_index`` (int64 scalar) and ``input``.
-
-    When tasks have different class counts, the graph computes ``max`` columns and slices the
-    task's count off at the end, so ``logits`` is ``[batch, num_classes of that task]`` always.
-    ``task_index`` must be in ``[0, num_tasks)`` (ONNX ``Gather`` semantics otherwise).
-    """
-    if len(model.registry) == 0:
-        raise InputError("the model has no tasks to export")
-    twin = _flat_head_twin(model.target)
-    width = model.target.config.num_classes
-    infos = list(model.registry)
-    counts = [t.num_classes for t in infos]
-    c_max = max(counts)
-    columns = torch.zeros(len(infos), c_max, dtype=torch.int64)
-    for i, info in enumerate(infos):
-        cols = torch.from_numpy(_head_columns(info, width))
-        columns[i, : len(cols)] = cols
-        columns[i, len(cols):] = cols[-1]  # padding, sliced off below
-    module = _DynamicModule(model, twin, columns).eval()
-    x = torch.rand(_TRACE_BATCH, *model.target_config.input_shape)
-    dyn = {"task_index": None, "x": {0: torch.export.Dim(BATCH_DIM)}}
-    proto = _export(module, (torch.tensor(0, dtype=torch.int64), x), dyn,
-                    [TASK_INDEX_NAME, INPUT_NAME], opset)
-    g = proto.graph
-    if [i.name for i in g.input] != [TASK_INDEX_NAME, INPUT_NAME]:
-        raise ExportError(f"dynamic graph inputs {[i.name for i in g.input]}")
-    _strip(proto)
-    _set_dims(g.input[0], [])
-    _set_dims(g.input[1], [BATCH_DIM, *model.target_config.input_shape])
-    if len(set(counts)) > 1:
-        _slice_classes(proto, counts)
-        _set_dims(g.output[0], [BATCH_DIM, "num_classes"])
-    else:
-        _set_dims(g.output[0], [BATCH_DIM, c_max])
-    _set_metadata(proto, {
-        META_GRAPH_KIND: "dynamic",
-        META_TASKS: json.dumps([t.name for t in infos]),
-        META_LABEL_NAMES: json.dumps({t.name: t.label_names for t in infos}),
-        META_NUM_CLASSES: json.dumps(counts),
-        META_INPUT_SHAPE: json.dumps(list(model.target_config.input_shape)),
-        META_CHECKPOINT_HASH: checkpoint_hash or model_state_hash(model),
-        META_VERSION: __version__,
-    })
-    return proto
-
-
-def _slice_classes(proto: onnx.ModelProto, counts: list[int]) -> None:
-    """Append ``logits = padded[:, :counts[task_index]]`` to the dynamic graph."""
-    from onnx import helper
-
-    g = proto.graph
-    padded = "hnet_serve.logits_padded"
-    for node in g.node:
-        node.output[:] = [padded if o == OUTPUT_NAME else o for o in node.output]
-    g.initializer.extend([
-        _tensor_proto("hnet_serve.num_classes", np.asarray(counts, dtype=np.int64)),
-        _tensor_proto("hnet_serve.zero", np.zeros(1, dtype=np.int64)),
-        _tensor_proto("hnet_serve.axis1", np.ones(1, dtype=np.int64)),
-        _tensor_proto("hnet_serve.shape1", np.ones(1, dtype=np.int64)),
-    ])
-    g.node.extend([
-        helper.make_node("Gather", ["hnet_serve.num_classes", TASK_INDEX_NAME],
-                         ["hnet_serve.n"], axis=0),
-        helper.make_node("Reshape", ["hnet_serve.n", "hnet_serve.shape1"], ["hnet_serve.n1"]),
-        helper.make_node("Slice", [padded, "hnet_serve.zero", "hnet_serve.n1", "hnet_serve.axis1"],
-                         [OUTPUT_NAME]),
-    ])
-

@@ -59,6 +59,15 @@ class TaskInfo(BaseModel):
             )
         return self
 
+    def summary(self) -> dict[str, Any]:
+        """What ``info`` and ``GET /tasks`` show of a task."""
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "label_names": self.label_names,
+        }
+
 
 class TaskRegistry:
     """Ordered tasks; ``tasks[i].index == i`` always holds (row i of the embedding table)."""

@@ -41,6 +41,13 @@ def activation_fn(name: str):
     return _ACTIVATIONS[name]
 
 
+def positive_sizes(v: list[int]) -> list[int]:
+    """Validator body for a list of layer widths."""
+    if any(h <= 0 for h in v):
+        raise ValueError(f"hidden sizes must be positive, got {v}")
+    return v
+
+
 class _TargetConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -91,9 +98,7 @@ class MLPConfig(_TargetConfigBase):
     @field_validator("hidden")
     @classmethod
     def _hidden_positive(cls, v: list[int]) -> list[int]:
-        if any(h <= 0 for h in v):
-            raise ValueError(f"hidden sizes must be positive, got {v}")
-        return v
+        return positive_sizes(v)
 
 
 class ResNetConfig(_TargetConfigBase):
@@ -115,6 +120,44 @@ class ResNetConfig(_TargetConfigBase):
     @property
     def depth(self) -> int:
         return 6 * self.blocks_per_stage + 2
+
+
+# Names the training config used before it shared the targets' vocabulary (checkpoints saved
+# then carry them in meta["train_config"]).
+_LEGACY_SPEC_NAMES = {"resnet_blocks": "blocks_per_stage", "resnet_width": "width"}
+
+
+class TargetSpec(BaseModel):
+    """A target architecture without what the data decides (input shape, classes, heads,
+    normalization): what a training config names. :meth:`build` completes it into the
+    :class:`MLPConfig` or :class:`ResNetConfig` of the same field names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["mlp", "resnet"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [100, 100])  # mlp
+    activation: Activation = "relu"  # mlp
+    blocks_per_stage: int = Field(default=5, gt=0, le=50)  # resnet
+    width: int = Field(default=16, gt=0, le=1024)  # resnet
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_names(cls, data: object) -> object:
+        if isinstance(data, dict) and any(k in data for k in _LEGACY_SPEC_NAMES):
+            data = {_LEGACY_SPEC_NAMES.get(k, k): v for k, v in data.items()}
+        return data
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden_positive(cls, v: list[int]) -> list[int]:
+        return positive_sizes(v)
+
+    def build(self, **data_fields: object) -> MLPConfig | ResNetConfig:
+        """The full target config: this architecture plus ``input_shape``, ``num_classes``,
+        ``num_heads``, ``input_mean``/``input_std`` from the data."""
+        cls = MLPConfig if self.kind == "mlp" else ResNetConfig
+        arch = {f: getattr(self, f) for f in type(self).model_fields if f in cls.model_fields}
+        return cls(**arch, **data_fields)
 
 
 TargetConfig = Annotated[MLPConfig | ResNetConfig, Field(discriminator="kind")]

@@ -9,8 +9,12 @@ import torch.nn.functional as F
 
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.hypernet import HypernetConfig
-from hnet_serve.targets import MLPConfig, build_target
-from hnet_serve.training.baselines import (
+from hnet_serve.targets import MLPConfig, TargetSpec, build_target
+from hnet_serve.training.config import TrainConfig
+from hnet_serve.training.data import TaskData
+from hnet_serve.training.loop import run_tasks
+from hnet_serve.training.methods.base import task_seed
+from hnet_serve.training.methods.baselines import (
     BASELINES,
     BaselineOptions,
     EWCMethod,
@@ -22,9 +26,8 @@ from hnet_serve.training.baselines import (
     quadratic_penalty,
     train_baseline,
 )
-from hnet_serve.training.config import TargetSpec, TrainConfig
-from hnet_serve.training.data import TaskData
-from hnet_serve.training.trainer import build_model, make_method, run_tasks, task_seed
+from hnet_serve.training.methods.hnet import build_model
+from hnet_serve.training.methods.registry import make_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

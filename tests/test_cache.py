@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from hnet_serve.cache import WeightCache
 from hnet_serve.errors import ConfigError
+from hnet_serve.serving.cache import WeightCache
 
 
 class Loader:

@@ -7,10 +7,7 @@ import pytest
 import torch
 
 from hnet_serve.errors import InputError
-from hnet_serve.runtime import TaskInference, select_by_entropy
-from tests.conftest import tiny_mlp_model
-from tests.test_baselines import conflicting_tasks, toy_config
-from hnet_serve.training.baselines import train_baseline
+from hnet_serve.task_inference import TaskInference, select_by_entropy
 from hnet_serve.training.cl_scenarios import (
     class_incremental,
     class_offsets,
@@ -23,7 +20,11 @@ from hnet_serve.training.cl_scenarios import (
 )
 from hnet_serve.training.data import TaskData
 from hnet_serve.training.evaluate import predictor
-from hnet_serve.training.trainer import make_method, run_tasks
+from hnet_serve.training.loop import run_tasks
+from hnet_serve.training.methods.baselines import train_baseline
+from hnet_serve.training.methods.registry import make_method
+from tests.conftest import tiny_mlp_model
+from tests.test_baselines import conflicting_tasks, toy_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

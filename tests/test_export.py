@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from hnet_serve import export
-from hnet_serve.export import onnx_export
 from hnet_serve.checkpoint import checkpoint_hash, save_checkpoint
 from hnet_serve.cli import main
 from hnet_serve.errors import ConfigError, ExportError, InputError, UnknownTaskError
+from hnet_serve.export import onnx_export
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
 from hnet_serve.onnx_graph import (

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from hnet_serve import __version__
 from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 from hnet_serve.errors import ExportError, InputError, UnknownTaskError
+from hnet_serve.export.dynamic_graph import dynamic_model_proto
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
 from hnet_serve.onnx_graph import (
@@ -30,7 +31,6 @@ from hnet_serve.onnx_graph import (
     OUTPUT_NAME,
     TASK_INDEX_NAME,
     TaskGraph,
-    dynamic_model_proto,
     model_state_hash,
     opset_of,
 )

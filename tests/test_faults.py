@@ -36,15 +36,16 @@ import pytest
 import torch
 
 import hnet_serve.checkpoint as ckpt
-from hnet_serve import backends, runtime
 from hnet_serve.checkpoint import WEIGHTS
 from hnet_serve.cli import main as cli_main
-from hnet_serve.runtime import Runtime, ServingConfig
+from hnet_serve.serving import backends, runtime
+from hnet_serve.serving.config import ServingConfig
+from hnet_serve.serving.runtime import Runtime
+from hnet_serve.training.api import add_task, load_benchmark, train_tasks
 from tests.conftest import tiny_mlp_model
 from tests.test_service import mlp_checkpoint, start
 from tests.test_service_http import child_env, free_port, serving, stop_process_group
 from tests.test_training import files_digest, make_task, save_npz, tiny_config
-from hnet_serve.training.api import add_task, load_benchmark, train_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW = [0.25] * 12
@@ -90,9 +91,9 @@ def assert_serves_identically(path: Path, before: tuple[dict[str, np.ndarray], l
 # renamed into place).
 CLI_WITH_KILL_POINTS = """
 import functools, os, signal, sys
-import hnet_serve.backends as backends
+import hnet_serve.serving.backends as backends
 import hnet_serve.checkpoint as ckpt
-import hnet_serve.runtime as runtime
+import hnet_serve.serving.runtime as runtime
 from hnet_serve.training import api as training_api
 
 def die(*_):
@@ -253,7 +254,7 @@ def test_rotten_model_store_copy_keeps_a_real_server_unready(tmp_path):
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.models import ModelStore
 
-    from hnet_serve.store import import_checkpoint
+    from hnet_serve.serving.store import import_checkpoint
 
     home = tmp_path / "bentoml"
     (home / "models").mkdir(parents=True)
@@ -264,7 +265,7 @@ def test_rotten_model_store_copy_keeps_a_real_server_unready(tmp_path):
     corrupt_weights(stored, "bit flip in a tensor")
     port, log = free_port(), tmp_path / "serve.log"
     env = {**child_env(home), "HNET_MODEL_TAG": tag, "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, "-m", "bentoml", "serve", "hnet_serve.service:HNetService",
+    cmd = [sys.executable, "-m", "bentoml", "serve", "hnet_serve.serving.service:HNetService",
            "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -377,14 +378,14 @@ def test_generated_weights_alive_at_once_stay_bounded(monkeypatch):
 def test_batches_that_generate_hand_freed_memory_back(monkeypatch, tmp_path):
     """After a batch that generated weights (a miss, so evictions), the service trims the heap;
     after a batch of cache hits it does not (the hit path stays free of that cost)."""
-    from hnet_serve import service
+    from hnet_serve.serving import batching
 
-    service.release_free_memory()  # the real call works here (glibc) or is a no-op
+    batching.release_free_memory()  # the real call works here (glibc) or is a no-op
     path = tmp_path / "ckpt"
     mlp_checkpoint(path)
     calls: list[int] = []
-    monkeypatch.setattr(service, "release_free_memory", lambda: calls.append(1))
-    batcher = service.AdaptiveBatcher(Runtime.from_checkpoint(path))
+    monkeypatch.setattr(batching, "release_free_memory", lambda: calls.append(1))
+    batcher = batching.AdaptiveBatcher(Runtime.from_checkpoint(path))
     x = np.zeros((2, 12), np.float32)
     asyncio.run(batcher.predict("task-0", x))  # a miss: task-0 generated
     asyncio.run(batcher.predict("task-0", x))  # a hit

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hnet_serve.errors import HNetError
-from hnet_serve.io_formats import read_chunks
+from hnet_serve.scoring.readers import read_chunks
 from hnet_serve.training.data import load_task_file, read_cifar_bin, read_idx
 
 FUZZ = settings(

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from schemathesis import DataGenerationMethod
 from starlette_testclient import TestClient  # requests-based, what schemathesis' checks expect
 
-from hnet_serve.runtime import Runtime
+from hnet_serve.serving.runtime import Runtime
 from tests.conftest import save_service_checkpoint
 from tests.test_service_http import asgi_app, wait_ready
 
@@ -320,7 +320,7 @@ def test_a_pickle_body_is_never_loaded(client, tmp_path, content_type):
 def test_duplicate_content_type_headers(order):
     """Whichever Content-Type header a parser reads, a form type among them is refused (HTTP
     clients cannot send duplicate headers, so the middleware is called directly)."""
-    from hnet_serve.service import JsonBodyMiddleware
+    from hnet_serve.serving.http import JsonBodyMiddleware
 
     reached, sent = [], []
 

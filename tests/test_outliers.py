@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from hnet_serve.errors import ConfigError
-from hnet_serve.runtime import softmax
+from hnet_serve.task_inference import softmax
 from hnet_serve.training.api import load_benchmark
-from hnet_serve.training.baselines import make_baseline
 from hnet_serve.training.config import build_config
+from hnet_serve.training.loop import run_tasks
+from hnet_serve.training.methods.baselines import make_baseline
+from hnet_serve.training.methods.registry import make_method
 from hnet_serve.training.outliers import OutlierMaker, image_geometry, outlier_loss, uniform_loss
-from hnet_serve.training.trainer import make_method, run_tasks
 
 
 def maker(kind: str, shape=(784,), seed: int = 0) -> OutlierMaker:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hnet_serve.errors import ConfigError, InputError
-from tests.conftest import tiny_mlp_model
 from hnet_serve.training.regularizer import choose_method, make_snapshot, output_regularizer
+from tests.conftest import tiny_mlp_model
 
 OLD = [0, 1, 2]
 

@@ -8,18 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from hnet_serve import backends
 from hnet_serve.errors import ConfigError, InputError, UnknownTaskError
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
-from hnet_serve.runtime import (
-    Runtime,
-    ServingConfig,
-    infer_tasks,
-    parse_bytes,
-    select_by_entropy,
-)
+from hnet_serve.serving import backends
+from hnet_serve.serving.config import ServingConfig, parse_bytes
+from hnet_serve.serving.runtime import Runtime
 from hnet_serve.targets import MLPConfig
+from hnet_serve.task_inference import infer_tasks, select_by_entropy
 from tests.conftest import tiny_mlp_model, tiny_resnet_model
 
 # -- a model whose tasks are separable by construction ---------------------------------------

@@ -19,9 +19,9 @@ import pytest
 from hnet_serve.checkpoint import save_checkpoint
 from hnet_serve.cli import main
 from hnet_serve.errors import ConfigError, InputError, UnknownTaskError
-from hnet_serve.io_formats import npy_output_dtype
-from hnet_serve.runtime import Runtime
-from hnet_serve.scoring import Scorer, ScoringConfig, score_batch, score_file
+from hnet_serve.scoring.scorer import Scorer, ScoringConfig, score_batch, score_file
+from hnet_serve.scoring.writers import npy_output_dtype
+from hnet_serve.serving.runtime import Runtime
 from tests.conftest import tiny_mlp_model, tiny_resnet_model
 
 WIDTH = 12
@@ -488,8 +488,8 @@ def test_onnx_backend_gives_the_same_predictions(tmp_path, ckpt, rt, x):
 # -- constant memory ----------------------------------------------------------------------
 _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
-    from hnet_serve.runtime import Runtime
-    from hnet_serve.scoring import score_file
+    from hnet_serve.serving.runtime import Runtime
+    from hnet_serve.scoring.scorer import score_file
     from tests.conftest import tiny_mlp_model, tiny_resnet_model
 
     def peak_of(path):

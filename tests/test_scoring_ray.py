@@ -12,8 +12,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed")
 
 from hnet_serve.checkpoint import save_checkpoint
-from hnet_serve.ray_scoring import score_dataset
-from hnet_serve.scoring import score_file
+from hnet_serve.scoring.ray import score_dataset
+from hnet_serve.scoring.scorer import score_file
 from tests.conftest import tiny_mlp_model
 
 QUIET_RAY = {

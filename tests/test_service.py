@@ -12,8 +12,10 @@ import pytest
 
 from hnet_serve.checkpoint import save_checkpoint
 from hnet_serve.errors import CheckpointError, ConfigError
-from hnet_serve.runtime import Runtime
-from hnet_serve.service import AdaptiveBatcher, HNetService, metrics_text
+from hnet_serve.serving.batching import AdaptiveBatcher
+from hnet_serve.serving.metrics import metrics_text
+from hnet_serve.serving.runtime import Runtime
+from hnet_serve.serving.service import HNetService
 from tests.conftest import tiny_mlp_model
 
 
@@ -172,7 +174,7 @@ def test_import_checkpoint_is_content_addressed(model_store, checkpoint, tmp_pat
     import bentoml
 
     from hnet_serve.checkpoint import checkpoint_hash
-    from hnet_serve.store import checkpoint_dir, import_checkpoint
+    from hnet_serve.serving.store import checkpoint_dir, import_checkpoint
 
     tag = import_checkpoint(checkpoint)
     assert tag == f"hnet:{checkpoint_hash(checkpoint)[:16]}"
@@ -210,7 +212,7 @@ def test_serve_command_parses_the_contract_flags():
 
 
 def test_serve_env_passes_options_and_checks_them(monkeypatch):
-    from hnet_serve.serve_cli import serve_env
+    from hnet_serve.serving.cli import serve_env
 
     monkeypatch.setenv("HNET_CHECKPOINT", "/somewhere/else")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)

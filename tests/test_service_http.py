@@ -22,7 +22,7 @@ import yaml
 from starlette.testclient import TestClient
 
 from hnet_serve.checkpoint import checkpoint_hash, save_checkpoint
-from hnet_serve.runtime import Runtime
+from hnet_serve.serving.runtime import Runtime
 from tests.conftest import save_service_checkpoint, tiny_mlp_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def asgi_app():
     """One app per process: BentoML registers its HTTP metrics globally when an app is built.
     Each TestClient context runs the app's lifespan, i.e. a fresh service instance."""
-    from hnet_serve.service import HNetService
+    from hnet_serve.serving.service import HNetService
 
     return HNetService.to_asgi()
 
@@ -302,7 +302,7 @@ def test_bentoml_build_packs_the_checkpoint(checkpoint, bentoml_home, tmp_path):
     bento_tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = bento_tag.split(":")
     bento = yaml.safe_load((bentoml_home / "bentos" / name / version / "bento.yaml").read_text())
-    assert bento["service"] == "hnet_serve.service:HNetService"
+    assert bento["service"] == "hnet_serve.serving.service:HNetService"
     assert [m["tag"] for m in bento["services"][0]["models"]] == [tag]
     assert not (bentoml_home / "bentos" / name / version / "src" / "training").exists()
     # The exported Bento (what containerize and push ship) carries the checkpoint itself.

@@ -11,19 +11,20 @@ import torch
 
 from hnet_serve.checkpoint import load_checkpoint
 from hnet_serve.errors import ForgettingError, InputError, TaskExistsError
-from tests.conftest import tiny_mlp_model
-from hnet_serve.training.api import add_task, evaluate_checkpoint, load_benchmark, train_tasks, write_report
+from hnet_serve.training.api import (
+    add_task,
+    evaluate_checkpoint,
+    load_benchmark,
+    train_tasks,
+    write_report,
+)
 from hnet_serve.training.config import TrainConfig, build_config
 from hnet_serve.training.data import TaskData
 from hnet_serve.training.evaluate import accuracy, continual_metrics, weight_drift
-from hnet_serve.training.trainer import (
-    HNetMethod,
-    Interrupted,
-    adam_lookahead,
-    make_adam,
-    make_method,
-    run_tasks,
-)
+from hnet_serve.training.loop import Interrupted, run_tasks
+from hnet_serve.training.methods.hnet import HNetMethod, adam_lookahead, make_adam
+from hnet_serve.training.methods.registry import make_method
+from tests.conftest import tiny_mlp_model
 
 TINY_ARCH = {
     "target": {"hidden": [16, 8]},

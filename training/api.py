@@ -26,15 +26,17 @@ from hnet_serve.registry import validate_task_name
 from hnet_serve.training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT
 from hnet_serve.training.config import TrainConfig, build_config
 from hnet_serve.training.data import TaskData, build_benchmark, load_task_file
+from hnet_serve.training.data.provenance import recorded_tasks
 from hnet_serve.training.evaluate import (
     accuracy,
     evaluate_model,
     plot_accuracy_matrix,
     plot_embeddings,
-    recorded_tasks,
     weight_drift,
 )
-from hnet_serve.training.trainer import HNetMethod, TrainResult, make_method, run_tasks
+from hnet_serve.training.loop import TrainResult, run_tasks
+from hnet_serve.training.methods.hnet import HNetMethod
+from hnet_serve.training.methods.registry import make_method
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool, protect: str | os.PathLike | None = None

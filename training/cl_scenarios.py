@@ -9,7 +9,7 @@
 
 For the hypernetwork (HNET+ENT), one trained model answers all three: CL1 uses the given task's
 generated weights; for CL2/CL3 the task is inferred per input by the serving runtime's
-:func:`hnet_serve.runtime.infer_tasks` (every task's weights in one batched call, lowest
+:func:`hnet_serve.task_inference.infer_tasks` (every task's weights in one batched call, lowest
 softmax entropy wins) and the within-task prediction under the inferred task is the CL2 answer,
 mapped to the global class (:func:`to_global`) for CL3. Plain-network baselines are trained once
 per scenario instead (:func:`scenario_config`, :func:`class_incremental`); independent networks
@@ -28,7 +28,7 @@ import torch
 
 from hnet_serve.errors import InputError
 from hnet_serve.model import HNetModel
-from hnet_serve.runtime import TaskInference, infer_tasks, select_by_entropy
+from hnet_serve.task_inference import TaskInference, infer_tasks, select_by_entropy
 from hnet_serve.training.config import TrainConfig
 from hnet_serve.training.data import TaskData
 from hnet_serve.training.evaluate import Predict
@@ -204,7 +204,7 @@ def evaluate_hnet(
     """HNET (CL1) and HNET+ENT (CL2, CL3) on the test sets of ``tasks`` (all in the model).
 
     Every task's weights are generated once, in one batched call, and reused for every batch
-    of rows; inference is the runtime's :func:`~hnet_serve.runtime.infer_tasks`.
+    of rows; inference is :func:`~hnet_serve.task_inference.infer_tasks`.
     """
     names = [t.name for t in tasks]
     with torch.inference_mode():
@@ -224,7 +224,7 @@ def evaluate_predictors(
     max_rows: int | None = None,
 ) -> ScenarioScores:
     """The same scores for one predictor per task (e.g. independent networks), with the same
-    entropy rule (:func:`~hnet_serve.runtime.select_by_entropy`) choosing among them."""
+    entropy rule (:func:`~hnet_serve.task_inference.select_by_entropy`) choosing among them."""
     if len(predictors) != len(tasks):
         raise InputError(f"{len(predictors)} predictors for {len(tasks)} tasks")
 

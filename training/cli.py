@@ -121,10 +121,10 @@ def _pct(v: float | None) -> str:
 
 # -- train ----------------------------------------------------------------------------------
 def _cmd_train(args: argparse.Namespace) -> int:
-    from hnet_serve.cli import print_json
+    from hnet_serve.console import print_json
     from hnet_serve.training.api import check_out_dir, load_benchmark, train_tasks
     from hnet_serve.training.config import build_config
-    from hnet_serve.training.trainer import Interrupted
+    from hnet_serve.training.loop import Interrupted
 
     _set_threads(args)
     target = {"hidden": args.target_hidden} if args.target_hidden else {}
@@ -144,7 +144,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if options:  # flags override the config file's method_options, key by key
         config = config.model_copy(
             update={"method_options": {**config.method_options, **options}})
-        from hnet_serve.training.baselines import BaselineOptions
+        from hnet_serve.training.methods.baselines import BaselineOptions
 
         BaselineOptions.from_config(config)  # range-check the flags before loading data
     # Only the hypernetwork makes a servable checkpoint; baselines (--method finetune, ewc, ...)
@@ -183,7 +183,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # -- add-task -------------------------------------------------------------------------------
 def _cmd_add_task(args: argparse.Namespace) -> int:
-    from hnet_serve.cli import print_json
+    from hnet_serve.console import print_json
     from hnet_serve.errors import ForgettingError
     from hnet_serve.training.api import add_task
 
@@ -217,7 +217,7 @@ def _cmd_add_task(args: argparse.Namespace) -> int:
 # -- eval -----------------------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace) -> int:
     from hnet_serve.checkpoint import read_manifest
-    from hnet_serve.cli import print_json
+    from hnet_serve.console import print_json
     from hnet_serve.training.api import evaluate_checkpoint
     from hnet_serve.training.data import build_benchmark, load_task_file
 

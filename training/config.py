@@ -17,30 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hnet_serve.errors import ConfigError
 from hnet_serve.hypernet import HypernetConfig
-from hnet_serve.targets import Activation
+from hnet_serve.targets import TargetSpec
 from hnet_serve.training import DEFAULT_OUTLIER_KINDS, OutlierKind
 
 Benchmark = Literal["permuted-mnist", "split-mnist", "split-cifar", "custom"]
 Dataset = Literal["mnist5k", "fashion-mnist", "idx-dir", "cifar"]
-
-
-class TargetSpec(BaseModel):
-    """The target architecture; input shape, classes and normalization come from the data."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["mlp", "resnet"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [100, 100])
-    activation: Activation = "relu"
-    resnet_blocks: int = Field(default=5, gt=0, le=50)
-    resnet_width: int = Field(default=16, gt=0, le=1024)
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(h <= 0 for h in v):
-            raise ValueError(f"hidden sizes must be positive, got {v}")
-        return v
 
 
 class TrainConfig(BaseModel):

@@ -6,7 +6,7 @@
 4. send a real test digit to ``POST /predict`` and print the equivalent ``curl`` command;
 5. keep serving until Ctrl-C (``--check`` stops after step 4, ``--no-serve`` after step 2).
 
-It lives in ``training/`` because it trains; the serving half is ``hnet_serve.serve_cli``.
+It lives in ``training/`` because it trains; the serving half is ``hnet_serve.serving.cli``.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def wait_ready(url: str, proc, timeout: float = 120.0) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hnet_serve.console import print_json
     from hnet_serve.export import to_onnx
-    from hnet_serve.cli import print_json
     from hnet_serve.training.api import train_benchmark
 
     out = Path(args.out)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     request, label = _example_request(model, task)
     req_path = out / "request.json"
     req_path.write_text(json.dumps(request))
-    from hnet_serve.serve_cli import start_server, stop_server
+    from hnet_serve.serving.cli import start_server, stop_server
 
     server = start_server(str(ckpt), host=args.host, port=args.port)
     proc, url = server.proc, server.url
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _example_request(model, task: str) -> tuple[dict[str, Any], int]:
     """One real test digit of ``task`` (from the recorded benchmark data) and its label."""
-    from hnet_serve.training.evaluate import recorded_tasks
+    from hnet_serve.training.data.provenance import recorded_tasks
 
     found, missing = recorded_tasks(model, [task])
     if task not in found:
@@ -137,7 +137,7 @@ def _example_request(model, task: str) -> tuple[dict[str, Any], int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from hnet_serve.serve_cli import port_arg
+    from hnet_serve.serving.cli import port_arg
 
     p = sub.add_parser(
         "quickstart",

@@ -17,7 +17,13 @@ from typing import Any, Literal
 import numpy as np
 
 from hnet_serve.errors import InputError
-from hnet_serve.scoring import DEFAULT_BATCH_SIZE, Scorer, ScoringConfig, batch_chunk, runtime_for
+from hnet_serve.scoring import DEFAULT_BATCH_SIZE
+from hnet_serve.scoring.scorer import (
+    Scorer,
+    ScoringConfig,
+    batch_chunk,
+    runtime_for,
+)
 
 
 class HNetScorer:

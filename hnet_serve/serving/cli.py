@@ -1,7 +1,7 @@
 """``hnet-serve serve``: import a checkpoint into the BentoML model store and serve it.
 
-The checkpoint is validated and stored as ``hnet:<content hash prefix>`` (``hnet_serve.store``),
-then ``bentoml serve hnet_serve.service:HNetService`` runs in a child process with
+The checkpoint is validated and stored as ``hnet:<content hash prefix>`` (``hnet_serve.serving.store``),
+then ``bentoml serve hnet_serve.serving.service:HNetService`` runs in a child process with
 ``HNET_MODEL_TAG`` and the serving options in its environment, until it stops or is
 interrupted (Ctrl-C / SIGTERM are passed on and the child is waited for).
 """
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-SERVICE = "hnet_serve.service:HNetService"
+SERVICE = "hnet_serve.serving.service:HNetService"
 
 
 def port_arg(value: str) -> int:
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def serve_env(args: argparse.Namespace, tag: str) -> dict[str, str]:
     """The child's environment: the model tag and the options given on the command line."""
-    from hnet_serve.runtime import ServingConfig
+    from hnet_serve.serving.config import ServingConfig
 
     env = dict(os.environ)
     env.pop("HNET_CHECKPOINT", None)  # serve what was imported, not a stray directory
@@ -91,7 +91,7 @@ def start_server(
 
     ``args`` carries the optional serving flags (backend, cache bytes, config file).
     """
-    from hnet_serve.store import import_checkpoint
+    from hnet_serve.serving.store import import_checkpoint
 
     tag = import_checkpoint(checkpoint)
     opts = args or argparse.Namespace(config=None, backend=None, cache_bytes=None)
@@ -116,10 +116,10 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from hnet_serve.cli import print_json
+    from hnet_serve.console import print_json
 
     if args.import_only:
-        from hnet_serve.store import import_checkpoint
+        from hnet_serve.serving.store import import_checkpoint
 
         tag = import_checkpoint(args.checkpoint)
         if args.json:

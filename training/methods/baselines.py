@@ -1,7 +1,7 @@
 """Baselines run by the same trainer as the hypernetwork: finetune, independent, EWC and SI.
 
 Each baseline trains a plain target network (the same architecture the hypernetwork generates,
-built from the same data by :func:`training.trainer.build_model`) with the same batches,
+built from the same data by :func:`~hnet_serve.training.methods.hnet.build_model`) with the same batches,
 iterations, optimizer (a fresh Adam per task) and evaluation, through
 :func:`training.trainer.run_tasks`. Only the parameters and the penalty differ:
 
@@ -45,16 +45,10 @@ from hnet_serve.targets import MLPConfig, ResNetConfig, TargetNet, build_target
 from hnet_serve.training.config import TrainConfig
 from hnet_serve.training.data import TaskData
 from hnet_serve.training.evaluate import Predict
+from hnet_serve.training.loop import TrainResult, run_tasks
+from hnet_serve.training.methods.base import ContinualMethod, StepStats, task_seed
+from hnet_serve.training.methods.hnet import target_config_for
 from hnet_serve.training.outliers import make_outlier_maker, outlier_loss
-from hnet_serve.training.trainer import (
-    ContinualMethod,
-    StepStats,
-    TrainResult,
-    build_model,
-    register_method,
-    run_tasks,
-    task_seed,
-)
 
 BASELINES = ("finetune", "independent", "ewc", "si")
 
@@ -151,12 +145,6 @@ def diagonal_fisher(
 
 
 # -- the methods ----------------------------------------------------------------------------
-def target_config_for(config: TrainConfig, tasks: list[TaskData]) -> MLPConfig | ResNetConfig:
-    """The target network the hypernetwork method would generate for ``tasks`` (same sizes,
-    heads, classes and input normalization)."""
-    return build_model(config, tasks).target_config
-
-
 class NetworkMethod(ContinualMethod):
     """One plain target network trained on the tasks in sequence: the ``finetune`` baseline.
 
@@ -427,7 +415,7 @@ def make_baseline(
     return _CLASSES[method](target_config_for(config, tasks), config, opts)
 
 
-def _factory(method: str) -> Callable[[TrainConfig, list[TaskData], HNetModel | None],
+def baseline_factory(method: str) -> Callable[[TrainConfig, list[TaskData], HNetModel | None],
                                       ContinualMethod]:
     def factory(config: TrainConfig, tasks: list[TaskData], model: HNetModel | None
                 ) -> ContinualMethod:
@@ -439,10 +427,6 @@ def _factory(method: str) -> Callable[[TrainConfig, list[TaskData], HNetModel | 
         return make_baseline(method, config, tasks)
 
     return factory
-
-
-for _name in BASELINES:
-    register_method(_name, _factory(_name))
 
 
 # -- one call -------------------------------------------------------------------------------

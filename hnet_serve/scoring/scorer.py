@@ -2,10 +2,10 @@
 
 ``hnet-serve score CHECKPOINT --input FILE --output FILE`` and :func:`score_file` stream the input
 in chunks (memory does not grow with the file), score each chunk through
-:class:`hnet_serve.runtime.Runtime` (the service's cache, backends and task inference, so batch
+:class:`hnet_serve.serving.runtime.Runtime` (the service's cache, backends and task inference, so batch
 and online predictions agree), and write ``task`` and ``prediction`` per row, in input order, to a
 temporary file that is renamed into place at the end. :func:`score_batch` scores one numpy array,
-pandas DataFrame or pyarrow table in memory; ``hnet_serve.ray_scoring`` runs the same per-batch
+pandas DataFrame or pyarrow table in memory; ``hnet_serve.scoring.ray`` runs the same per-batch
 code on Ray Data.
 
 Which task scores a row: ``task`` (every row), ``task_column`` (per row; an empty value means
@@ -17,10 +17,8 @@ row numbers (``on_error="stop"``, the default) or are skipped and listed in a re
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import signal
 import sys
 import time
 from collections import Counter
@@ -33,14 +31,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hnet_serve.errors import ConfigError, InputError
+from hnet_serve.scoring import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from hnet_serve.io_formats import Chunk, OutputSchema, Reject
-    from hnet_serve.runtime import Runtime
+    from hnet_serve.scoring.chunks import Chunk, Reject
+    from hnet_serve.scoring.writers import OutputSchema
+    from hnet_serve.serving.runtime import Runtime
 
-DEFAULT_BATCH_SIZE = 8192
 _SHOW_REJECTS = 5  # rows named in an error message
 _SLICE_BYTES = 2 << 20
 
@@ -113,7 +112,7 @@ class ScoredBatch:
         """``[row], task, prediction, [probabilities]`` as a pyarrow table."""
         import pyarrow as pa
 
-        from hnet_serve.io_formats import score_columns
+        from hnet_serve.scoring.writers import score_columns
 
         return pa.table(score_columns(
             self.schema, self.rows, self.task_index, self.predictions, self.probabilities
@@ -159,11 +158,11 @@ def describe_rejects(rejects: Sequence[Reject], total: int | None = None) -> str
 
 # -- the scorer ---------------------------------------------------------------------------
 class Scorer:
-    """Scores :class:`~hnet_serve.io_formats.Chunk` s through a runtime: the one code path of
+    """Scores :class:`~hnet_serve.scoring.chunks.Chunk` s through a runtime: the one code path of
     the CLI, :func:`score_file`, :func:`score_batch` and the Ray Data class."""
 
     def __init__(self, runtime: Runtime, config: ScoringConfig) -> None:
-        from hnet_serve.io_formats import OutputSchema
+        from hnet_serve.scoring.writers import OutputSchema
 
         self.runtime = runtime
         self.config = config
@@ -197,7 +196,7 @@ class Scorer:
 
     def score_chunk(self, chunk: Chunk) -> ScoredBatch:
         """Score the good rows of ``chunk``; bad ones raise (``stop``) or become rejects."""
-        from hnet_serve.io_formats import mark_nonfinite
+        from hnet_serve.scoring.chunks import mark_nonfinite
 
         bad = dict(chunk.bad)
         if self.config.task_column is not None:
@@ -217,7 +216,7 @@ class Scorer:
             return self._score(chunk, bad)
 
     def _score(self, chunk: Chunk, bad: dict[int, str]) -> ScoredBatch:
-        from hnet_serve.io_formats import Reject
+        from hnet_serve.scoring.chunks import Reject
 
         column = self.config.task_column is not None
         rejects = sorted(
@@ -263,7 +262,7 @@ class Scorer:
 
 def runtime_for(checkpoint: Runtime | str | os.PathLike, config: ScoringConfig) -> Runtime:
     """``checkpoint`` if it is a runtime already, else the checkpoint loaded for ``config``."""
-    from hnet_serve.runtime import Runtime
+    from hnet_serve.serving.runtime import Runtime
 
     if isinstance(checkpoint, Runtime):
         return checkpoint
@@ -315,7 +314,7 @@ def _missing(v: Any) -> bool:
 
 def batch_chunk(batch: Any, scorer: Scorer, row_offset: int = 0) -> Chunk:
     """Any supported in-memory batch as a :class:`Chunk` for ``scorer``."""
-    from hnet_serve.io_formats import (
+    from hnet_serve.scoring.chunks import (
         Columns,
         array_chunk,
         check_array_width,
@@ -360,7 +359,7 @@ def score_batch(
 
 # -- files --------------------------------------------------------------------------------
 def _check_paths(input: Path, output: Path, rejects: Path | None) -> None:
-    from hnet_serve.io_formats import INPUT_SUFFIXES, OUTPUT_SUFFIXES, suffix_of
+    from hnet_serve.scoring.readers import INPUT_SUFFIXES, OUTPUT_SUFFIXES, suffix_of
 
     suffix_of(input, INPUT_SUFFIXES, "input")
     suffix_of(output, OUTPUT_SUFFIXES, "output")
@@ -399,8 +398,9 @@ def score_file(
     """
     from tqdm import tqdm
 
-    from hnet_serve.io_formats import RejectsWriter, count_rows, open_writer, read_chunks
-    from hnet_serve.runtime import Runtime
+    from hnet_serve.scoring.readers import count_rows, read_chunks
+    from hnet_serve.scoring.writers import RejectsWriter, open_writer
+    from hnet_serve.serving.runtime import Runtime
 
     config = ScoringConfig.build(**options)
     input, output = Path(input), Path(output)
@@ -458,75 +458,3 @@ def _count(task_index: np.ndarray) -> dict[int, int]:
         return {}
     bins = np.bincount(task_index)
     return {int(i): int(bins[i]) for i in np.flatnonzero(bins)}
-
-
-# -- CLI ----------------------------------------------------------------------------------
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _cmd_score(args: argparse.Namespace) -> int:
-    from hnet_serve.cli import print_json
-
-    # SIGTERM (a scheduler stopping the job) cleans up like Ctrl-C: no output, no temp file.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        report = score_file(
-            args.checkpoint, args.input, args.output,
-            task=args.task, task_column=args.task_column, backend=args.backend,
-            threads=args.threads, batch_size=args.batch_size, probabilities=args.probabilities,
-            on_error=args.on_error, rejects=args.rejects, row_numbers=args.row_numbers,
-            progress=not args.no_progress,
-        )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if args.json:
-        print_json(report.to_json())
-        return 0
-    print(f"scored {report.rows_scored:,} of {report.rows_read:,} rows in {report.seconds:.2f} s "
-          f"({report.rows_per_second:,.0f} rows/s, backend {report.backend}) -> {report.output}")
-    if report.rows_rejected:
-        where = f" -> {report.rejects_file}" if report.rejects_file else ""
-        first = ", ".join(map(str, report.rejected_rows[:10]))
-        print(f"rejected {report.rows_rejected:,} rows (first: {first}){where}")
-    for name, n in report.tasks.items():
-        print(f"  {name:<24} {n:,} rows")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "score",
-        help="score a file of rows offline (streamed, atomic output)",
-        description=(
-            "Stream INPUT (.npy, .npz, .csv, .parquet) through a checkpoint's tasks and write "
-            "one row per input row (task, prediction) to OUTPUT (.parquet, .csv, .npy). "
-            "Features: a list column named 'input', or every column except the task column. "
-            "Without --task or --task-column the task is inferred per row."
-        ),
-    )
-    p.add_argument("checkpoint", help="checkpoint directory")
-    p.add_argument("--input", required=True, help="input file: .npy, .npz, .csv or .parquet")
-    p.add_argument("--output", required=True, help="output file: .parquet, .csv or .npy")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--task", help="score every row with this task")
-    which.add_argument("--task-column", metavar="COL",
-                       help="per-row task names in this column (empty: infer that row's task)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
-                   help="onnx (default: the fastest here, see docs/scoring.md) or torch")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="intra-op threads of the backend (default: the CPUs this process may use)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
-                   help=f"rows per chunk (memory scales with it; default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--probabilities", action="store_true",
-                   help="add a 'probabilities' column (zero-padded to the most classes)")
-    p.add_argument("--on-error", choices=["stop", "skip"], default=None,
-                   help="bad rows (wrong width, non-numeric, NaN/inf, unknown task): stop the "
-                        "run (default) or skip them (default when --rejects is given)")
-    p.add_argument("--rejects", metavar="FILE",
-                   help="write skipped rows here as JSON lines: row number, reason, raw row")
-    p.add_argument("--row-numbers", action="store_true",
-                   help="add a 'row' column (the input row number; useful with skipped rows)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_cmd_score)

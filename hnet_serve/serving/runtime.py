@@ -1,0 +1,265 @@
+"""The serving runtime: task router, LRU weight cache and backends, usable without BentoML.
+
+``Runtime.predict(task, x)`` routes rows to a task, fetching that task's generated weights (torch
+backend) or ONNX Runtime session (onnx backend) from a byte-bounded LRU cache and generating them
+on a miss. ``predict(None, x)`` infers the task per row (the paper's HNET+ENT rule, see
+:func:`infer_tasks`). ``predict_mixed`` serves a batch whose rows belong to different tasks,
+grouped by task, with stacked weights and one batched matmul per layer for MLP targets.
+
+The service (``service.py``) and batch scoring are thin layers over this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hnet_serve.errors import ConfigError, InputError
+from hnet_serve.model import HNetModel
+from hnet_serve.registry import TaskInfo
+from hnet_serve.serving.backends import Group, make_backend, nbytes_estimate
+from hnet_serve.serving.cache import WeightCache
+from hnet_serve.serving.config import MiB, ServingConfig
+from hnet_serve.task_inference import select_by_entropy, softmax
+
+# A batch (or a task inference) over more tasks than this many bytes of weights fetches and runs
+# them in steps: the cache bounds the weights it keeps, this bounds the ones alive for one
+# request, whatever the number of tasks or concurrent requests (docs/reliability.md).
+STEP_BYTES = 64 * MiB
+
+@dataclass
+class Prediction:
+    """The runtime's answer, the same shape whether the task was given or inferred."""
+
+    tasks: list[str]  # per row (given or inferred)
+    predictions: np.ndarray  # (N,) int64
+    probabilities: np.ndarray  # (N, C) float32, C = max classes of the tasks involved, 0-padded
+    inferred: bool
+    confidence: np.ndarray | None = None  # (N,) float32 when inferred
+
+    def to_json(self) -> dict[str, Any]:
+        """The service's response body.
+
+        ``task`` is the task's name when one task was given for every row, else a per-row list
+        of names; when tasks were inferred, ``inferred`` is true and ``confidence`` is per row.
+        """
+        single = not self.inferred and len(set(self.tasks)) == 1
+        body: dict[str, Any] = {
+            "task": self.tasks[0] if single else list(self.tasks),
+            "predictions": self.predictions.tolist(),
+            "probabilities": self.probabilities.tolist(),
+        }
+        if self.inferred:
+            body["inferred"] = True
+            # NaN (rows whose task was given, in a mixed batch) is not JSON: null instead.
+            conf = self.confidence if self.confidence is not None else np.full(len(self.tasks), np.nan)
+            body["confidence"] = [None if math.isnan(c) else c for c in conf.tolist()]
+        return body
+
+
+# -- the runtime --------------------------------------------------------------------------
+class Runtime:
+    """Routes rows to tasks and runs them through a cached backend; thread-safe."""
+
+    def __init__(self, model: HNetModel, config: ServingConfig | None = None) -> None:
+        self.model = model
+        self.config = config or ServingConfig()
+        if len(model.registry) == 0:
+            raise ConfigError("the checkpoint holds no tasks to serve")
+        for field in ("pinned", "warm"):
+            unknown = [n for n in getattr(self.config, field) if n not in model.registry]
+            if unknown:
+                raise ConfigError(
+                    f"serving config: {field} names unknown tasks {unknown} "
+                    f"(known: {model.registry.names[:10]})"
+                )
+        threads = self.config.intra_op_threads
+        if threads:
+            torch.set_num_threads(threads)
+        self.backend = make_backend(self.config.backend, model, threads=threads)
+        self.cache: WeightCache[Any] = WeightCache(
+            self.backend.build,
+            capacity_bytes=self.config.cache_bytes,
+            sizeof=self.backend.nbytes,
+            pinned=self.config.pinned,
+        )
+        self._input_shape = tuple(model.target_config.input_shape)
+        self._input_size = math.prod(self._input_shape)
+        self._step_tasks = max(1, STEP_BYTES // max(1, nbytes_estimate(model)))
+        start = list(dict.fromkeys([*self.config.pinned, *self.config.warm]))
+        if start:
+            self.cache.warm(start)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **config_overrides: Any) -> Runtime:
+        from hnet_serve.checkpoint import load_checkpoint
+
+        config = ServingConfig.build(checkpoint=str(path), **config_overrides)
+        return cls(load_checkpoint(path), config)
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.model.registry.names
+
+    def task(self, name: str) -> TaskInfo:
+        """The task's registry entry; :class:`UnknownTaskError` naming it if there is none."""
+        return self.model.registry.get(name)
+
+    def output_classes(self, task: str | None) -> int:
+        """Columns of ``probabilities`` for a request: the task's classes, or with task
+        inference the most classes of any task (every task is a candidate)."""
+        if task is not None:
+            return self.task(task).num_classes
+        return max(t.num_classes for t in self.model.registry)
+
+    # -- inputs ------------------------------------------------------------------------------
+    def validate_inputs(self, inputs: Any, task: str | None = None) -> np.ndarray:
+        """Rows as float32 ``(N, *input_shape)``; :class:`InputError` says what is wrong.
+
+        Accepts a list (or array) of rows, each shaped like the task's input or flattened.
+        """
+        shape = self.task(task).input_shape if task is not None else self._input_shape
+        size = math.prod(shape)
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.detach().cpu().numpy()
+        if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
+            arr = inputs
+        else:
+            ragged = InputError(
+                "inputs must be a list of numeric rows of equal length "
+                f"(each row shaped {list(shape)} or flat with {size} values)"
+            )
+            try:
+                arr = np.asarray(inputs)
+            except (ValueError, TypeError):
+                raise ragged from None
+            if arr.dtype == object:
+                raise ragged
+            if arr.dtype.kind not in "iuf":
+                raise InputError(f"inputs must be numbers, got {arr.dtype.name} values")
+        if arr.ndim == 0 or arr.shape[0] == 0:
+            raise InputError("inputs must hold at least one row")
+        n = arr.shape[0]
+        if n > self.config.max_rows:
+            raise InputError(f"too many rows: {n} > max_rows={self.config.max_rows}")
+        if arr.shape[1:] != tuple(shape) and arr.shape[1:] != (size,):
+            raise InputError(
+                f"each row must have shape {list(shape)} (or {size} flat values), "
+                f"got rows of shape {list(arr.shape[1:])}"
+            )
+        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(n, *shape)
+        # One float64 reduction: NaN and inf propagate through a sum, and float32 values cannot
+        # overflow a float64 sum, so a finite sum means every value is finite.
+        if not math.isfinite(float(arr.sum(dtype=np.float64))):
+            bad = int(np.argwhere(~np.isfinite(arr.reshape(n, -1)))[0, 0])
+            raise InputError(f"inputs hold NaN or inf (first in row {bad}) or overflow float32")
+        return arr
+
+    # -- prediction --------------------------------------------------------------------------
+    def predict(self, task: str | None, inputs: Any) -> Prediction:
+        """Predict every row under ``task``, or infer the task per row when ``task`` is None."""
+        if task is None:
+            return self._infer(self.validate_inputs(inputs))
+        info = self.task(task)
+        x = self.validate_inputs(inputs, task)
+        entry = self.cache.get(task)
+        (logits,) = self.backend.logits([entry], [Group(info, x)])
+        probs = softmax(logits)
+        return Prediction([task] * x.shape[0], probs.argmax(1), probs, inferred=False)
+
+    def predict_mixed(self, tasks: Sequence[str | None], inputs: Any) -> Prediction:
+        """Row ``i`` under ``tasks[i]`` (None: inferred); rows are grouped by task.
+
+        ``inferred`` is True when any row's task was inferred; ``confidence`` is then set for
+        those rows and NaN for rows whose task was given.
+        """
+        x = self.validate_inputs(inputs)
+        n = x.shape[0]
+        if len(tasks) != n:
+            raise InputError(f"{len(tasks)} task names for {n} rows")
+        # group rows by task: one code per distinct task (first-seen order), then a stable sort
+        code_of: dict[str | None, int] = {}
+        codes = np.fromiter((code_of.setdefault(t, len(code_of)) for t in tasks),
+                            dtype=np.int64, count=n)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(code_of) + 1))
+        rows_by_task = {t: order[bounds[c] : bounds[c + 1]] for t, c in code_of.items()}
+        infos = {t: self.task(t) for t in rows_by_task if t is not None}
+        names = [t for t in rows_by_task if t is not None]
+        c_max = max((i.num_classes for i in infos.values()), default=0)
+
+        out_tasks = np.empty(n, dtype=object)
+        preds = np.zeros(n, dtype=np.int64)
+        conf: np.ndarray | None = None
+        parts: list[tuple[np.ndarray, np.ndarray]] = []  # (row indices, probabilities)
+        if names:
+            idx = [rows_by_task[t] for t in names]
+            groups = [Group(infos[t], x[r] if len(r) < n else x) for t, r in zip(names, idx)]
+            logits = self._logits(names, groups)
+            for t, r, z in zip(names, idx, logits):
+                parts.append((r, softmax(z)))
+                out_tasks[r] = t
+        if None in rows_by_task:
+            r = rows_by_task[None]
+            sub = self._infer(x[r] if len(r) < n else x)
+            parts.append((r, sub.probabilities))
+            conf = np.full(n, np.nan, dtype=np.float32)
+            conf[r] = sub.confidence
+            out_tasks[r] = sub.tasks
+        c_max = max([c_max, *(p.shape[1] for _, p in parts)])
+        probs = np.zeros((n, c_max), dtype=np.float32)
+        for r, p in parts:
+            probs[r, : p.shape[1]] = p
+            preds[r] = p.argmax(1)
+        return Prediction(out_tasks.tolist(), preds, probs, inferred=conf is not None,
+                          confidence=conf)
+
+    def _logits(self, names: list[str], groups: list[Group]) -> list[np.ndarray]:
+        """Each group's logits under its task (``names`` unique), in steps of at most
+        ``STEP_BYTES`` of weights; each step's missing tasks are generated in one batched call."""
+        out: list[np.ndarray] = []
+        for i in range(0, len(names), self._step_tasks):
+            step = names[i : i + self._step_tasks]
+            entries = self.cache.get_many(step)
+            out += self.backend.logits([entries[t] for t in step], groups[i : i + len(step)])
+            del entries  # released before the next step is generated
+        return out
+
+    def _infer(self, x: np.ndarray) -> Prediction:
+        """HNET+ENT over every task, with the candidates' weights/sessions from the cache."""
+        names = self.task_names
+        infos = [self.task(t) for t in names]
+        logits = self._logits(names, [Group(i, x) for i in infos])
+        choice = select_by_entropy(logits, self.config.temperature)
+        c_max = self.output_classes(None)
+        probs = np.zeros((x.shape[0], c_max), dtype=np.float32)
+        for t, z in enumerate(logits):
+            rows = np.flatnonzero(choice.task_index == t)
+            if rows.size:
+                probs[rows, : z.shape[1]] = softmax(z[rows])
+        return Prediction(
+            [names[t] for t in choice.task_index],
+            probs.argmax(1),
+            probs,
+            inferred=True,
+            confidence=choice.confidence,
+        )
+
+    def info(self) -> dict[str, Any]:
+        """Tasks (with whether each is cached) and cache statistics, for ``GET /tasks``."""
+        cached = set(self.cache.keys())
+        pinned = set(self.cache.pinned)
+        return {
+            "backend": self.backend.name,
+            "tasks": [
+                {**t.summary(), "cached": t.name in cached, "pinned": t.name in pinned}
+                for t in self.model.registry
+            ],
+            "cache": self.cache.stats(),
+        }

@@ -1,0 +1,190 @@
+"""The BentoML 1.4 service: one checkpoint, every task, over HTTP.
+
+Routes
+  ``POST /predict``  ``{"task": "<name>" | null, "inputs": [[...], ...]}`` ->
+                     ``{"task", "predictions", "probabilities"}`` (+ ``inferred``, ``confidence``)
+  ``GET /tasks``     every task (name, input shape, classes, labels, cached, pinned) and cache stats
+  ``/livez``, ``/readyz`` (BentoML's; ready only once the checkpoint is loaded), ``/metrics``
+  (BentoML's plus ``hnet_cache_*`` and ``hnet_requests_total{task}``).
+
+The checkpoint comes from the BentoML model store (``HNET_MODEL_TAG``, default ``hnet:latest``,
+declared as a class-level ``BentoModel`` so ``bentoml build`` packs it) or from a directory
+(``HNET_CHECKPOINT``); every other setting is a :class:`~hnet_serve.serving.config.ServingConfig` field
+read from ``HNET_*`` variables or the file named by ``HNET_CONFIG`` (docs/serving.md).
+
+Loading runs in a background thread, so ``/livez`` answers at once and ``/readyz`` stays 503
+until the runtime is ready. A checkpoint that fails to load or validate logs one clear error
+line and leaves the service unready for good: it never serves from a half-loaded model.
+
+Adaptive batching: concurrent requests are batched cork-style (:class:`AdaptiveBatcher`): while
+one batch runs, arriving requests queue, and when it finishes everything queued (up to
+``max_rows`` rows) runs as the next batch through ``Runtime.predict_mixed``, which groups rows by
+task (stacked weights and one batched matmul per layer for MLP targets). This happens in-process,
+behind the public endpoint, without BentoML's self-call HTTP hop (see docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from typing import Annotated, Any
+
+import bentoml
+from pydantic import Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from hnet_serve.errors import HNetError
+from hnet_serve.serving.batching import AdaptiveBatcher
+from hnet_serve.serving.config import ServingConfig
+from hnet_serve.serving.http import (
+    BodyLimitMiddleware,
+    JsonBodyMiddleware,
+    OpenAPIMiddleware,
+    error_response,
+)
+from hnet_serve.serving.metrics import metrics_text
+from hnet_serve.serving.runtime import Runtime
+
+# Under "bentoml" so that `bentoml serve`'s logging setup formats and shows these lines.
+logger = logging.getLogger("bentoml.hnet_serve")
+
+MODEL_TAG_ENV = "HNET_MODEL_TAG"
+MODEL_TAG = os.environ.get(MODEL_TAG_ENV) or "hnet:latest"
+INFERRED = "*"  # the task label of requests without a task ("*" is not a valid task name)
+
+
+# -- GET /tasks ---------------------------------------------------------------------------
+async def _tasks_endpoint(request: Request) -> JSONResponse:
+    try:
+        svc = bentoml.get_current_service()
+    except Exception:  # noqa: BLE001
+        return error_response(503, "service is starting", "NotReady")
+    return svc.tasks_response()
+
+
+tasks_app = Starlette(routes=[Route("/tasks", _tasks_endpoint, methods=["GET"])])
+
+
+# -- the service --------------------------------------------------------------------------
+@bentoml.asgi_app(tasks_app, path="/", name="tasks")
+@bentoml.service(
+    name="hnet",
+    workers=1,  # one runtime per process holds the cache; scale with intra-op threads
+    traffic={"timeout": 300},
+    labels={"project": "hnet-serve"},
+)
+class HNetService:
+    """Serves every task of one hypernetwork checkpoint."""
+
+    model = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        self.config: ServingConfig = ServingConfig()
+        self.runtime: Runtime | None = None
+        self.batcher: AdaptiveBatcher | None = None
+        self.load_error: str | None = None
+        self.checkpoint_path: str | None = None
+        self._requests: Counter[str] = Counter()
+        self._requests_lock = threading.Lock()
+        self._ready = threading.Event()
+        self._loader = threading.Thread(target=self._load, name="hnet-load", daemon=True)
+        self._loader.start()
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        from hnet_serve.checkpoint import load_checkpoint
+
+        try:
+            self.config = ServingConfig.from_env()
+            if self.config.checkpoint:
+                path = self.config.checkpoint
+            else:
+                from hnet_serve.serving.store import checkpoint_dir
+
+                path = str(checkpoint_dir(self.model))
+            self.checkpoint_path = path
+            model = load_checkpoint(path)
+            runtime = Runtime(model, self.config.model_copy(update={"checkpoint": path}))
+            self.batcher = AdaptiveBatcher(runtime)
+            self.runtime = runtime
+            logger.info(
+                "hnet-serve: ready: %d tasks from %s (backend %s, cache %d bytes)",
+                len(model.registry), path, runtime.backend.name, self.config.cache_bytes,
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure must leave the service unready
+            where = self.checkpoint_path or f"model {MODEL_TAG}"
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "hnet-serve: NOT READY: the checkpoint %s failed to load, /readyz stays 503: %s",
+                where, self.load_error,
+            )
+        finally:
+            self._ready.set()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until loading finished (successfully or not); True when ready to serve."""
+        self._ready.wait(timeout)
+        return self.runtime is not None
+
+    def __is_ready__(self) -> bool:
+        return self.runtime is not None
+
+    def _not_ready(self) -> JSONResponse:
+        if self.load_error:
+            return error_response(503, f"checkpoint failed to load: {self.load_error}", "NotReady")
+        return error_response(503, "the checkpoint is still loading", "NotReady")
+
+    # -- routes ----------------------------------------------------------------------------
+    @bentoml.api(route="/predict")
+    async def predict(
+        self,
+        inputs: Annotated[
+            list[Any], Field(description="rows shaped like the task's input, or flattened")
+        ],
+        task: Annotated[
+            str | None, Field(description="task name; null or absent: infer it per row")
+        ] = None,
+    ) -> dict[str, Any]:
+        """Predict ``inputs`` under ``task``; without a task, infer it per row (HNET+ENT)."""
+        runtime, batcher = self.runtime, self.batcher
+        if runtime is None or batcher is None:
+            return self._not_ready()  # type: ignore[return-value]
+        try:
+            x = runtime.validate_inputs(inputs, task)
+            pred = await batcher.predict(task, x)
+        except HNetError as exc:
+            return error_response(exc.http_status, str(exc), type(exc).__name__)  # type: ignore[return-value]
+        with self._requests_lock:
+            self._requests[task if task is not None else INFERRED] += 1
+        return pred.to_json()
+
+    def tasks_response(self) -> JSONResponse:
+        if self.runtime is None:
+            return self._not_ready()
+        return JSONResponse(self.runtime.info())
+
+    def __metrics__(self, content: str) -> str:
+        """Append the cache counters and per-task request counts to BentoML's metrics."""
+        return content + metrics_text(self.runtime, self._requests_snapshot())
+
+    def _requests_snapshot(self) -> dict[str, int]:
+        with self._requests_lock:
+            return dict(self._requests)
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+HNetService.add_asgi_middleware(BodyLimitMiddleware)
+HNetService.add_asgi_middleware(JsonBodyMiddleware)
+HNetService.add_asgi_middleware(OpenAPIMiddleware, service=HNetService)
+
+
+__all__ = ["HNetService"]

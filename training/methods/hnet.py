@@ -1,0 +1,183 @@
+"""The paper's method: a task-conditioned hypernetwork, a new embedding per task and the output
+regularizer on every old task (:class:`HNetMethod`), and the model it trains (:func:`build_model`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from hnet_serve.errors import ConfigError, InputError
+from hnet_serve.model import HNetModel
+from hnet_serve.targets import MLPConfig, ResNetConfig
+from hnet_serve.training.config import TrainConfig
+from hnet_serve.training.data import TaskData, input_stats
+from hnet_serve.training.evaluate import Predict, predictor
+from hnet_serve.training.methods.base import ContinualMethod, StepStats, task_seed
+from hnet_serve.training.outliers import make_outlier_maker, outlier_loss
+from hnet_serve.training.regularizer import Snapshot, make_snapshot, output_regularizer
+
+
+def target_config_for(config: TrainConfig, tasks: list[TaskData]) -> MLPConfig | ResNetConfig:
+    """The target network for ``tasks``: ``config.target``'s architecture; input shape, classes,
+    heads and the input normalization (from the first task's training data) from the data."""
+    if not tasks:
+        raise InputError("no tasks to train")
+    shape = tasks[0].input_shape
+    for t in tasks[1:]:
+        if t.input_shape != shape:
+            raise InputError(
+                f"all tasks need the same input shape: {tasks[0].name!r} has {list(shape)}, "
+                f"{t.name!r} has {list(t.input_shape)}"
+            )
+    mean, std = input_stats(tasks[0])
+    heads = (config.num_heads or len(tasks)) if config.multi_head else 1
+    try:
+        return config.target.build(
+            input_shape=shape, num_classes=max(t.num_classes for t in tasks), num_heads=heads,
+            input_mean=mean, input_std=std,
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"target network does not fit the data: {exc.errors()[0]['msg']}") from None
+
+
+def build_model(config: TrainConfig, tasks: list[TaskData], meta: dict[str, Any] | None = None
+                ) -> HNetModel:
+    """A fresh (task-less) model sized for ``tasks`` (see :func:`target_config_for`)."""
+    return HNetModel(target_config_for(config, tasks), config.hypernet, seed=config.seed,
+                     meta=meta)
+
+
+def make_adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel where available (several times faster on CPU for the large
+    output layer of a hypernetwork; same update rule)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device/dtype without a fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
+@torch.no_grad()
+def adam_lookahead(
+    optimizer: torch.optim.Adam, named: dict[str, torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """ΔΘ: the change Adam's next step would make from the current ``.grad``s (state untouched).
+
+    The paper's lookahead: regularize f_h(e, Θ + ΔΘ) so the step taken for the new task is
+    already corrected for the old ones.
+    """
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    lr, eps = group["lr"], group["eps"]
+    out = {}
+    for name, p in named.items():
+        g = p.grad
+        if g is None:
+            continue
+        state = optimizer.state.get(p, {})
+        step = float(state.get("step", 0)) + 1
+        m = (1 - beta1) * g + (beta1 * state["exp_avg"] if "exp_avg" in state else 0)
+        v = (1 - beta2) * g * g + (beta2 * state["exp_avg_sq"] if "exp_avg_sq" in state else 0)
+        m_hat = m / (1 - beta1**step)
+        v_hat = v / (1 - beta2**step)
+        out[name] = -lr * m_hat / (v_hat.sqrt() + eps)
+    return out
+
+
+class HNetMethod(ContinualMethod):
+    """The paper's method on an :class:`HNetModel` (which may already hold trained tasks)."""
+
+    name = "hnet"
+
+    def __init__(self, model: HNetModel, config: TrainConfig) -> None:
+        if config.method_options:
+            raise ConfigError(
+                f"the hnet method takes no method_options, got {sorted(config.method_options)}"
+            )
+        self.model = model
+        self.config = config
+        self.snapshot: Snapshot | None = None
+        self.row = -1
+        self.head = 0
+        self.num_classes = 0
+        self.buffers: dict[str, torch.Tensor] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.generator = torch.Generator()
+        self.outliers = make_outlier_maker(config, model.target_config.input_shape,
+                                           self.generator)
+
+    def begin_task(self, index: int, task: TaskData) -> None:
+        model, cfg = self.model, self.config
+        if task.input_shape != tuple(model.target_config.input_shape):
+            raise InputError(
+                f"task {task.name!r} has inputs shaped {list(task.input_shape)}, the model takes "
+                f"{list(model.target_config.input_shape)}"
+            )
+        old = list(range(len(model.registry)))
+        head = 0
+        if model.target_config.num_heads > 1:
+            head = len(old)
+            if head >= model.target_config.num_heads:
+                raise InputError(
+                    f"all {model.target_config.num_heads} output heads are used; a new task "
+                    "needs a model with more heads (num_heads)"
+                )
+        self.generator.manual_seed(task_seed(cfg.seed, 1_000 + len(old)))
+        info = model.add_task(task.name, num_classes=task.num_classes,
+                              label_names=task.label_names, head=head, generator=self.generator)
+        hn = model.hypernet
+        self.row, self.head, self.num_classes = info.index, head, task.num_classes
+        self.buffers = model.task_buffers[task.name] or None
+        self.snapshot = make_snapshot(hn, old) if old and cfg.beta > 0 else None
+        params = [*hn.shared_parameters(), hn.task_embs[self.row]]
+        if cfg.train_old_embeddings:
+            params += [hn.task_embs[j] for j in old]
+        self.optimizer = make_adam(params, cfg.lr)
+        self._shared = {n: p for n, p in hn.named_parameters() if not n.startswith("task_embs")}
+
+    def _subset(self) -> torch.Tensor | None:
+        k = self.snapshot.num_tasks if self.snapshot else 0
+        n = self.config.reg_tasks
+        if not n or n >= k:
+            return None
+        return torch.randperm(k, generator=self.generator)[:n]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        model, hn, cfg, opt = self.model, self.model.hypernet, self.config, self.optimizer
+        if opt is None:
+            raise RuntimeError("begin_task() must be called before train_step()")
+        model.target.train()  # batch-norm statistics of this task update in place
+        try:
+            weights = hn(hn.embeddings([self.row]))[0]  # (n_params,)
+            logits = model.target.apply_weights(weights, x, self.buffers, head=self.head)
+            loss = F.cross_entropy(logits[:, : self.num_classes], y)
+        finally:
+            model.target.eval()
+        # outliers run in eval mode: they must not move the task's batch-norm statistics
+        extra = outlier_loss(self.outliers, cfg.outlier_weight, x, lambda xo: model.target
+                             .apply_weights(weights, xo, self.buffers, head=self.head)
+                             [:, : self.num_classes])
+        if extra is not None:
+            loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        reg_value = 0.0
+        if self.snapshot is not None:
+            delta = adam_lookahead(opt, self._shared) if cfg.lookahead else None
+            emb = hn.embeddings(self.snapshot.task_ids) if cfg.train_old_embeddings else None
+            reg = output_regularizer(hn, self.snapshot, embeddings=emb, delta=delta,
+                                     subset=self._subset(), method=cfg.reg_method)
+            (cfg.beta * reg).backward()
+            reg_value = reg.item()
+        opt.step()
+        return StepStats(loss.item(), reg_value)
+
+    def end_task(self, index: int, task: TaskData) -> None:
+        self.snapshot = None
+        self.optimizer = None
+
+    def predictor(self, task_name: str) -> Predict:
+        return predictor(self.model, task_name)
