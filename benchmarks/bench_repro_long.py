@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.no_write and not args.quick:
         IMG.mkdir(parents=True, exist_ok=True)
-        stem = f"repro_pfmnist{n}"
+        stem = f"repro_pfmnist{n}" + (f"_seed{args.seed}" if args.seed else "")
         curve = IMG / f"{stem}_task1.png"
         plot_long(task1_curve, after, final_acc, curve, n)
         matrix = IMG / f"{stem}_matrix.png"
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"({curve.relative_to(ROOT / 'docs').as_posix()}), "
                  f"[accuracy matrix]({matrix.relative_to(ROOT / 'docs').as_posix()}). "
                  f"Raw numbers: `{raw.relative_to(ROOT).as_posix()}`.\n")
-        write_section("repro-long", body)
+        write_section("repro-long" if args.seed == 0 else f"repro-long-seed{args.seed}", body)
     print(body)
 
 

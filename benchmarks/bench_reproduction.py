@@ -508,8 +508,9 @@ def write_outputs(args: argparse.Namespace, spec: dict[str, Any], cfg: TrainConf
         "shared expanding head over all classes seen). HNET is trained once and scored in the "
         "three scenarios; each baseline is trained once per scenario. Task inference: fraction "
         "of test inputs whose task the entropy rule picks correctly. BWT: backward transfer "
-        "in CL1 (0: no forgetting). Stored params: what answers every task (hypernetwork: "
-        "its shared weights, plus 1 embedding per task).\n\n"
+        "in CL1 (0: no forgetting). Stored params: the shared weights that answer every "
+        "task (hypernetwork: its shared weights and chunk embeddings; its task embeddings, "
+        "embedding dim x tasks, are not counted here; baselines: every network kept).\n\n"
         + results_table(runs, methods)
     )
     ref, _ = reference_table(runs)

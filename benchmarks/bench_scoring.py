@@ -32,7 +32,7 @@ from benchmarks._report import ROOT, machine, table, write_section
 from hnet_serve.checkpoint import save_checkpoint
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
-from hnet_serve.scoring import DEFAULT_BATCH_SIZE
+from hnet_serve.scoring.config import DEFAULT_BATCH_SIZE
 from hnet_serve.scoring.scorer import Scorer, ScoringConfig, score_file
 from hnet_serve.targets import MLPConfig
 

@@ -26,6 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hnet_serve import __version__
+from hnet_serve.configs import first_problem
 from hnet_serve.errors import CheckpointError, HNetError
 from hnet_serve.fsutil import fsync_path, remove_stale_siblings, temp_sibling, write_synced
 from hnet_serve.hypernet import HypernetConfig
@@ -193,9 +194,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     try:
         Manifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise CheckpointError(f"{mpath}: invalid field {loc!r}: {first['msg']}") from None
+        loc, msg = first_problem(exc)
+        raise CheckpointError(f"{mpath}: invalid field {loc!r}: {msg}") from None
     return raw
 
 

@@ -19,11 +19,22 @@ from hnet_serve.errors import ConfigError, HNetError
 M = TypeVar("M", bound=BaseModel)
 
 
-def first_error(exc: ValidationError, root: str = "config") -> tuple[str, Any, str]:
-    """``(dotted field, bad value, message)`` of a validation error's first problem."""
+def first_problem(exc: ValidationError) -> tuple[str, str]:
+    """``(dotted field, message)`` of a validation error's first problem; the field is ``""``
+    for a problem of the whole model (e.g. two fields that exclude each other)."""
     first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or root
-    return loc, first.get("input"), first["msg"].removeprefix("Value error, ")
+    return ".".join(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ")
+
+
+def describe_error(exc: ValidationError) -> str:
+    """``<field>=<value>: <message>`` of a validation error's first problem (``<message>``
+    alone for a problem of the whole model)."""
+    loc, msg = first_problem(exc)
+    if not loc:
+        return msg
+    bad = repr(exc.errors()[0].get("input"))
+    bad = bad if len(bad) <= 80 else bad[:77] + "..."  # a hostile file's value can be huge
+    return f"{loc}={bad}: {msg}"
 
 
 def validate(
@@ -39,8 +50,7 @@ def validate(
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        loc, bad, msg = first_error(exc)
-        raise error(f"{what} {loc}={bad!r}: {msg}") from None
+        raise error(f"{what} {describe_error(exc)}") from None
 
 
 def read_mapping_file(path: str | Path, what: str = "config file") -> dict[str, Any]:

@@ -21,12 +21,11 @@ from hnet_serve.training.methods.baselines import (
     IndependentMethod,
     NetworkMethod,
     SIMethod,
-    diagonal_fisher,
     make_baseline,
-    quadratic_penalty,
     train_baseline,
 )
 from hnet_serve.training.methods.hnet import build_model
+from hnet_serve.training.methods.penalties import diagonal_fisher, quadratic_penalty
 from hnet_serve.training.methods.registry import make_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")

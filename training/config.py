@@ -7,15 +7,13 @@ explicit keyword overrides (CLI flags). The validated config is saved in the che
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hnet_serve.errors import ConfigError
+from hnet_serve.configs import read_mapping_file, validate
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.targets import TargetSpec
 from hnet_serve.training import DEFAULT_OUTLIER_KINDS, OutlierKind
@@ -126,30 +124,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping of TrainConfig fields."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {str(p)!r} ({exc})") from None
-    try:
-        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid {p.suffix or 'YAML'}: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings")
-    return data
+    return read_mapping_file(path)
 
 
 def validate_config(data: dict[str, Any]) -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "config"
-        value = first.get("input")
-        raise ConfigError(f"invalid training setting {loc}={value!r}: {first['msg']}") from None
+    return validate(TrainConfig, data, "invalid training setting")
 
 
 def build_config(

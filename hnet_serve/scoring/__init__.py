@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# Rows per chunk: memory scales with it (here so that the light CLI module can show it too).
-DEFAULT_BATCH_SIZE = 8192
-
 __all__ = ["ScoreReport", "ScoredBatch", "Scorer", "ScoringConfig", "score_batch", "score_file"]
 
 

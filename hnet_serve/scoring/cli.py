@@ -8,7 +8,7 @@ from typing import Any
 
 # The parser is built on every CLI start: keep this module's imports light (the scorer pulls in
 # torch and pyarrow only when a command runs).
-from hnet_serve.scoring import DEFAULT_BATCH_SIZE
+from hnet_serve.scoring.config import DEFAULT_BATCH_SIZE
 
 
 def _interrupt(signum: int, frame: Any) -> None:

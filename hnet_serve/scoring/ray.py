@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from hnet_serve.errors import InputError
-from hnet_serve.scoring import DEFAULT_BATCH_SIZE
+from hnet_serve.scoring.config import DEFAULT_BATCH_SIZE
 from hnet_serve.scoring.scorer import (
     Scorer,
     ScoringConfig,

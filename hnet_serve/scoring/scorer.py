@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hnet_serve.errors import ConfigError, InputError
-from hnet_serve.scoring import DEFAULT_BATCH_SIZE
+from hnet_serve.scoring.config import ScoringConfig
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -42,52 +41,6 @@ if TYPE_CHECKING:
 
 _SHOW_REJECTS = 5  # rows named in an error message
 _SLICE_BYTES = 2 << 20
-
-
-class ScoringConfig(BaseModel):
-    """How a file or batch is scored (the CLI flags of ``hnet-serve score``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    task: str | None = None
-    task_column: str | None = None
-    # ONNX Runtime by default: on shared CPUs it kept its speed where torch's OpenMP threads did
-    # not (docs/benchmarks.md, "Batch scoring"); both give the same predictions.
-    backend: Literal["torch", "onnx"] = "onnx"
-    threads: int | None = Field(default=None, gt=0, le=1024)  # intra-op threads (None: CPUs)
-    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0, le=10_000_000)
-    probabilities: bool = False
-    on_error: Literal["stop", "skip"] = "stop"
-    rejects: str | None = None
-    row_numbers: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _rejects_imply_skip(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("rejects") and values.get("on_error") is None:
-            values = {**values, "on_error": "skip"}
-        return values
-
-    @model_validator(mode="after")
-    def _check(self) -> ScoringConfig:
-        if self.task is not None and self.task_column is not None:
-            raise ValueError("give either task or task_column, not both")
-        if self.rejects and self.on_error == "stop":
-            raise ValueError("a rejects file needs on_error='skip' (stop never skips a row)")
-        return self
-
-    @classmethod
-    def build(cls, **values: Any) -> ScoringConfig:
-        """Validate ``values``; errors become :class:`ConfigError` naming the field and value."""
-        values = {k: v for k, v in values.items() if v is not None}
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "options"
-            bad = f"={first['input']!r}" if first["loc"] else ""
-            msg = first["msg"].removeprefix("Value error, ")
-            raise ConfigError(f"scoring: {loc}{bad}: {msg}") from None
 
 
 # -- results ------------------------------------------------------------------------------

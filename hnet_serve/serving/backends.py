@@ -4,9 +4,11 @@
   statistics); the target runs them in-process. MLP weights are cached with each matrix
   transposed to ``(in, out)`` (``MLPTarget.to_serving_layout``): a cold task's weights then
   stream in row order through the matmul, ~10 % faster for the mixed-task batches that read
-  many tasks' weights once each. Mixed-task batches of MLP targets stack the
-  tasks' weights and run one batched matmul per layer (``MLPTarget.forward_stacked``), the
-  S-LoRA/Punica idea with generated weights instead of adapters.
+  many tasks' weights once each. Mixed-task batches of *small* MLP targets (at most
+  ``STACK_MAX_PARAMS`` parameters) stack the tasks' weights and run one batched matmul per layer
+  (``MLPTarget.forward_stacked``), the S-LoRA/Punica idea with generated weights instead of
+  adapters; larger MLPs and other targets run one call per task group (stacking them measured
+  slower: docs/benchmarks.md, "Mixed-task batches").
 * ``onnx``: the cache holds one ONNX Runtime ``InferenceSession`` per task, built from the
   graph ``hnet_serve.onnx_graph.TaskGraph`` traces once, with that task's generated weights as
   initializers.

@@ -3,8 +3,9 @@
 ``Runtime.predict(task, x)`` routes rows to a task, fetching that task's generated weights (torch
 backend) or ONNX Runtime session (onnx backend) from a byte-bounded LRU cache and generating them
 on a miss. ``predict(None, x)`` infers the task per row (the paper's HNET+ENT rule, see
-:func:`infer_tasks`). ``predict_mixed`` serves a batch whose rows belong to different tasks,
-grouped by task, with stacked weights and one batched matmul per layer for MLP targets.
+:mod:`hnet_serve.task_inference`). ``predict_mixed`` serves a batch whose rows belong to different tasks,
+grouped by task (stacked weights and one batched matmul per layer for small MLP targets, one
+call per task group otherwise; see ``backends``).
 
 The service (``service.py``) and batch scoring are thin layers over this module.
 """

@@ -19,7 +19,7 @@ line and leaves the service unready for good: it never serves from a half-loaded
 Adaptive batching: concurrent requests are batched cork-style (:class:`AdaptiveBatcher`): while
 one batch runs, arriving requests queue, and when it finishes everything queued (up to
 ``max_rows`` rows) runs as the next batch through ``Runtime.predict_mixed``, which groups rows by
-task (stacked weights and one batched matmul per layer for MLP targets). This happens in-process,
+task (see :mod:`hnet_serve.serving.backends` for when weights are stacked). This happens in-process,
 behind the public endpoint, without BentoML's self-call HTTP hop (see docs/serving.md).
 """
 
