@@ -10,7 +10,6 @@ import csv
 import math
 import mmap
 import os
-import tokenize
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from hnet_serve.errors import ConfigError, InputError
+from hnet_serve.npyfile import read_npy_header
 from hnet_serve.scoring.chunks import (
     INPUT_COLUMN,
     Chunk,
@@ -53,20 +53,7 @@ class _NpyStream:
 
     def __init__(self, f: IO[bytes], what: str) -> None:
         self.f = f
-        try:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            self.shape, self.fortran, self.dtype = read_header(f)
-        # numpy parses the header with the tokenizer: garbage can raise any of these.
-        except (ValueError, SyntaxError, TypeError, OverflowError, EOFError,
-                tokenize.TokenError) as exc:
-            raise InputError(f"{what}: not a valid .npy array ({exc})") from None
-        if self.dtype.hasobject:
-            raise InputError(f"{what}: object arrays need pickle, which is not loaded")
+        self.shape, self.fortran, self.dtype = read_npy_header(f, what)
         self.row_shape = tuple(self.shape[1:])
         self.row_bytes = self.dtype.itemsize * math.prod(self.row_shape)
         self.n = int(self.shape[0]) if self.shape else 0

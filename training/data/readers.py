@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from hnet_serve.npyfile import read_npy_header
 from hnet_serve.training.data.task import (
     CIFAR_IMAGE_BYTES,
     MAX_ARRAY_BYTES,
@@ -137,20 +138,7 @@ def read_cifar_bin(
 
 def _check_npy_header(fp: BinaryIO, available: int, what: str) -> None:
     """Refuse a .npy whose header declares more data than the file holds (before allocating)."""
-    try:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version in ((2, 0), (3, 0)):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:  # pragma: no cover - numpy rejects other versions in read_magic
-            raise DataError(f"{what}: unsupported .npy version {version}")
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many types
-        raise DataError(f"{what}: not a valid .npy array ({exc})") from None
-    if dtype.hasobject:
-        raise DataError(f"{what}: object arrays are not allowed (they need pickle)")
+    shape, _, dtype = read_npy_header(fp, what, error=DataError)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > min(available, MAX_ARRAY_BYTES):
         raise DataError(
