@@ -37,9 +37,9 @@ from hnet_serve.targets import TargetConfig
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
-_HNET = "hnet."
-_EMB = "task_embeddings"
-_BUF = "buffers/"
+HNET_PREFIX = "hnet."
+EMBEDDINGS_KEY = "task_embeddings"
+BUFFER_PREFIX = "buffers/"
 
 
 class TensorEntry(BaseModel):
@@ -84,11 +84,11 @@ def state_tensors(model: HNetModel) -> dict[str, torch.Tensor]:
     emb_ids = {id(p) for p in model.hypernet.task_embs}
     for name, p in model.hypernet.named_parameters():
         if id(p) not in emb_ids:
-            tensors[_HNET + name] = p.detach()
-    tensors[_EMB] = model.hypernet.embeddings().detach()  # (T, E)
+            tensors[HNET_PREFIX + name] = p.detach()
+    tensors[EMBEDDINGS_KEY] = model.hypernet.embeddings().detach()  # (T, E)
     for task, bufs in model.task_buffers.items():
         for bname, b in bufs.items():
-            tensors[f"{_BUF}{task}/{bname}"] = b.detach()
+            tensors[f"{BUFFER_PREFIX}{task}/{bname}"] = b.detach()
     return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
 
@@ -240,12 +240,12 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
             f"(shape mismatch for {diff[:3]})"
         )
     expected = {
-        _HNET + n: tuple(p.shape) for n, p in probe.hypernet.named_parameters()
+        HNET_PREFIX + n: tuple(p.shape) for n, p in probe.hypernet.named_parameters()
     }
-    expected[_EMB] = (len(registry), man.hypernet.task_emb_dim)
+    expected[EMBEDDINGS_KEY] = (len(registry), man.hypernet.task_emb_dim)
     for task in registry.names:
         for bname, shape in probe.target.buffer_shapes.items():
-            expected[f"{_BUF}{task}/{bname}"] = shape
+            expected[f"{BUFFER_PREFIX}{task}/{bname}"] = shape
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -266,13 +266,13 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
     with torch.no_grad():
         for name, p in hn.named_parameters():
             if id(p) not in emb_ids:
-                p.copy_(tensors[_HNET + name])
+                p.copy_(tensors[HNET_PREFIX + name])
     model.registry = registry
-    for row in tensors[_EMB]:
+    for row in tensors[EMBEDDINGS_KEY]:
         hn.add_task(row)
     for task in registry.names:
         model.task_buffers[task] = {
-            b: tensors[f"{_BUF}{task}/{b}"].clone() for b in model.target.buffer_shapes
+            b: tensors[f"{BUFFER_PREFIX}{task}/{b}"].clone() for b in model.target.buffer_shapes
         }
     if map_location != "cpu":
         hn.to(map_location)

@@ -29,9 +29,14 @@ COMMAND_MODULES: list[tuple[str, bool]] = [
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from hnet_serve.checkpoint import checkpoint_files, load_checkpoint
+    from hnet_serve.storage import stored_params
 
     model = load_checkpoint(args.checkpoint)
     info = model.info()
+    stored = stored_params(model)
+    info["stored_params"] = stored.total
+    info["stored_ratio"] = stored.ratio
+    info["stored"] = {**stored.to_json(), "summary": stored.summary()}
     info["files"] = checkpoint_files(args.checkpoint)
     info["meta"] = model.meta
     if args.json:
@@ -43,7 +48,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{info['target_params']:,} parameters")
     print(f"hypernet:   {h['kind']} hidden {h['hidden']}, {info['hypernet_params']:,} parameters "
           f"(+ {info['embedding_params']:,} in task embeddings)")
-    print(f"compression ratio: {info['compression_ratio']:.4f}")
+    print(f"compression ratio: {info['compression_ratio']:.4f} (shared hypernetwork / target)")
+    print(f"stored:     {stored.total:,} parameters ({stored.shared:,} shared, "
+          f"{stored.task_embeddings:,} task embeddings, {stored.task_buffers:,} per-task "
+          f"buffers, {stored.normalization} normalization): {stored.summary()}")
     for name, size in info["files"].items():
         print(f"file:       {name} ({human_bytes(size)})")
     print(f"tasks ({len(info['tasks'])}):")

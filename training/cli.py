@@ -155,7 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     tasks = load_benchmark(config)
     report_dir = args.report_dir or f"{Path(args.out).absolute()}-report"
     try:
-        _, result = train_tasks(tasks, config, out, overwrite=args.overwrite,
+        model, result = train_tasks(tasks, config, out, overwrite=args.overwrite,
                                 progress=not args.no_progress, report_dir=report_dir)
     except Interrupted as stop:
         done = stop.result.completed
@@ -165,6 +165,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130
     summary = {"out": str(Path(out).absolute()) if out else None,
                "report_dir": str(report_dir), "method": config.method, **result.to_dict()}
+    stored = None
+    if out and config.method == "hnet":
+        from hnet_serve.storage import stored_params
+
+        stored = stored_params(model)
+        summary.update(stored_params=stored.total, stored_ratio=stored.ratio,
+                       stored={**stored.to_json(), "summary": stored.summary()})
     if args.json:
         print_json(summary)
         return 0
@@ -178,6 +185,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     print(f"mean accuracy {_pct(m['mean_accuracy'])}   BWT {_pct(m['bwt'])}   "
           f"forgetting {_pct(m['forgetting'])}")
+    if stored is not None:
+        print(f"checkpoint {stored.summary()} ({stored.total:,} parameters)")
     return 0
 
 
