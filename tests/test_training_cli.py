@@ -252,3 +252,33 @@ def test_outlier_flags_are_checked(capsys, tmp_path, npz_files, flags, message):
                        "--out", tmp_path / "ck", "--iterations", "1", *flags, *TINY)
     assert code == 1 and message in err, err
     assert not (tmp_path / "ck").exists() and not (tmp_path / "ck-report").exists()
+
+
+def test_add_task_reference_trains_a_fresh_network_of_the_same_architecture(
+        capsys, custom_ckpt, npz_files, tmp_path):
+    """--reference: new_task.reference_accuracy is a fresh network of the checkpoint's target,
+    trained with the same steps on the same data (the same number as reference_accuracy)."""
+    from hnet_serve.training.api import reference_accuracy
+    from hnet_serve.training.config import build_config
+    from hnet_serve.training.data import load_task_file
+
+    report = run_json(capsys, "add-task", custom_ckpt, "--name", "c", "--data", npz_files["c"],
+                      "--out", tmp_path / "v2", "--iterations", "80", "--reference", "--json",
+                      *TINY[-3:])
+    new = report["new_task"]
+    model = load_checkpoint(custom_ckpt)
+    config = build_config(base=model.meta["train_config"], iterations=80)
+    assert config.target.hidden == list(model.target_config.hidden)
+    expected = reference_accuracy(load_task_file(npz_files["c"], "c", seed=config.seed), config)
+    assert new["reference_accuracy"] == pytest.approx(expected)
+    assert new["reference_gap"] == pytest.approx(expected - new["accuracy"])
+    assert ("capacity_warning" in new) == (new["reference_gap"] > 0.02)
+
+
+def test_reference_report_warns_only_past_the_capacity_gap():
+    from hnet_serve.training.api import reference_report
+
+    assert "capacity_warning" not in reference_report(0.85, 0.86)
+    warned = reference_report(0.80, 0.86)
+    assert warned["reference_gap"] == pytest.approx(0.06)
+    assert "80.00 %" in warned["capacity_warning"] and "86.00 %" in warned["capacity_warning"]

@@ -23,6 +23,7 @@ from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint, save_checkpo
 from hnet_serve.errors import ForgettingError, InputError, TaskExistsError
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import validate_task_name
+from hnet_serve.targets import TargetSpec
 from hnet_serve.training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT
 from hnet_serve.training.config import TrainConfig, build_config
 from hnet_serve.training.data import TaskData, build_benchmark, load_task_file
@@ -35,6 +36,7 @@ from hnet_serve.training.evaluate import (
     weight_drift,
 )
 from hnet_serve.training.loop import TrainResult, run_tasks
+from hnet_serve.training.methods.baselines import make_baseline
 from hnet_serve.training.methods.hnet import HNetMethod
 from hnet_serve.training.methods.registry import make_method
 
@@ -183,6 +185,33 @@ class AddTaskReport:
         }
 
 
+# A new task this many points below a fresh network of the same architecture means the
+# checkpoint has used its capacity (seed-to-seed spread of one network is ~0.5 point).
+CAPACITY_GAP = 0.02
+
+
+def reference_accuracy(task: TaskData, config: TrainConfig, *, progress: bool = False) -> float:
+    """Test accuracy of a fresh network (``config.target``, one per task, the same steps, batch
+    size, learning rate and seed) trained on ``task`` alone: what the task is worth without
+    sharing anything."""
+    learner = make_baseline("independent", config.model_copy(update={"method": "independent"}),
+                            [task])
+    return run_tasks(learner, [task], config, progress=progress).accuracy_matrix[0][0]
+
+
+def reference_report(accuracy_: float, reference: float) -> dict[str, Any]:
+    """``new_task`` fields of an add-task run that trained a reference network."""
+    gap = reference - accuracy_
+    out: dict[str, Any] = {"reference_accuracy": reference, "reference_gap": gap}
+    if gap > CAPACITY_GAP:
+        out["capacity_warning"] = (
+            f"the new task reaches {100 * accuracy_:.2f} % where a fresh network of the same "
+            f"architecture reaches {100 * reference:.2f} % ({100 * gap:.2f} points more): this "
+            "checkpoint has used its capacity; train a larger one (hnet-serve train "
+            "--compression with a higher value, or more --tasks planned)")
+    return out
+
+
 def _old_task_accuracies(model: HNetModel, tasks: dict[str, TaskData], batch_size: int
                          ) -> dict[str, float]:
     return {n: accuracy(model, n, t.x_test, t.y_test, batch_size) for n, t in tasks.items()}
@@ -201,6 +230,7 @@ def add_task(
     overwrite: bool = False,
     progress: bool = True,
     config_file: str | os.PathLike | None = None,
+    reference: bool = False,
     **overrides: Any,
 ) -> tuple[HNetModel, AddTaskReport]:
     """Train one more task onto ``checkpoint`` and save the result to ``out``.
@@ -212,6 +242,10 @@ def add_task(
     ``.report``) and writes nothing if an old task's generated weights drift more than
     ``max_drift`` (relative L2) or its test accuracy drops more than ``max_accuracy_drop``
     (a fraction), unless ``force``.
+
+    ``reference``: also train a fresh network of the checkpoint's target architecture on the same
+    data with the same steps (:func:`reference_accuracy`) and report how far the new task falls
+    short of it: a checkpoint whose shared weights are used up learns new tasks worse.
     """
     if max_drift < 0 or max_accuracy_drop < 0:
         raise InputError("--max-drift and --max-accuracy-drop must be >= 0")
@@ -220,7 +254,11 @@ def add_task(
     model = load_checkpoint(checkpoint)
     config = build_config(config_file, base=model.meta.get("train_config") or {}, **overrides)
     # The architecture is the checkpoint's, whatever the saved or given settings say.
-    config = config.model_copy(update={"hypernet": model.hypernet_config})
+    arch = model.target_config.model_dump()
+    config = config.model_copy(update={
+        "hypernet": model.hypernet_config,
+        "target": TargetSpec(**{k: v for k, v in arch.items() if k in TargetSpec.model_fields}),
+    })
 
     task = _new_task(model, config, name, data, benchmark_task)
     old_data, _ = recorded_tasks(model)
@@ -237,7 +275,10 @@ def add_task(
     drift = weight_drift(before, after)
     acc_after = _old_task_accuracies(model, old_data, config.eval_batch_size)
     report = AddTaskReport(
-        new_task={"name": task.name, "accuracy": result.accuracy_matrix[0][0]},
+        new_task={"name": task.name, "accuracy": result.accuracy_matrix[0][0],
+                  **(reference_report(result.accuracy_matrix[0][0],
+                                      reference_accuracy(task, config, progress=progress))
+                     if reference else {})},
         old_tasks={
             n: {"before": acc_before.get(n), "after": acc_after.get(n), "drift": drift[i]}
             for i, n in enumerate(names)

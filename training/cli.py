@@ -203,7 +203,7 @@ def _cmd_add_task(args: argparse.Namespace) -> int:
             benchmark_task=args.benchmark_task, max_drift=args.max_drift,
             max_accuracy_drop=args.max_accuracy_drop, force=args.force,
             overwrite=args.overwrite, progress=not args.no_progress, config_file=args.config,
-            **_training_overrides(args),
+            reference=args.reference, **_training_overrides(args),
         )
     except ForgettingError as exc:
         refused = getattr(exc, "report", None)
@@ -215,6 +215,11 @@ def _cmd_add_task(args: argparse.Namespace) -> int:
         return 0
     new = report.new_task
     print(f"added task {new['name']!r} (accuracy {_pct(new['accuracy'])}) -> {report.out}")
+    if "reference_accuracy" in new:
+        print(f"  a fresh network of the same architecture reaches "
+              f"{_pct(new['reference_accuracy'])} on this task")
+    if "capacity_warning" in new:
+        print(f"warning: {new['capacity_warning']}", file=sys.stderr)
     for name, figs in report.old_tasks.items():
         print(f"  {name:<28} accuracy {_pct(figs['before'])} -> {_pct(figs['after'])}  "
               f"drift {figs['drift']:.2e}")
@@ -313,6 +318,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="max drop of an old task's test accuracy, as a fraction "
                    "(default %(default)s)")
     p.add_argument("--force", action="store_true", help="write even beyond the tolerances")
+    p.add_argument("--reference", action="store_true",
+                   help="also train a fresh network of the same architecture on the task and "
+                        "report its accuracy (new_task.reference_accuracy): a checkpoint that "
+                        "has used its capacity learns new tasks worse")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_training_flags(p)
     p.set_defaults(func=_cmd_add_task)
