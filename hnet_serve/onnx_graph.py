@@ -41,7 +41,8 @@ from torch.func import functional_call
 
 from hnet_serve import __version__
 from hnet_serve.errors import ExportError, InputError
-from hnet_serve.targets import TargetNet, build_target
+from hnet_serve.onnx_mlp import mlp_template
+from hnet_serve.targets import MLPTarget, TargetNet, build_target
 
 if TYPE_CHECKING:
     from hnet_serve.model import HNetModel
@@ -291,7 +292,11 @@ class TaskGraph:
               checkpoint_hash: str | None = None, check: bool = True) -> TaskGraph:
         """Trace ``model.target`` once (no task needed). ``checkpoint_hash`` defaults to
         :func:`model_state_hash`. ``check`` runs the graph once in ONNX Runtime with random
-        weights against PyTorch, which proves the name mapping (costs one small session)."""
+        weights against PyTorch, which proves the name mapping (costs one small session).
+
+        An MLP target at the default opset is not traced: :func:`~hnet_serve.onnx_mlp.
+        mlp_template` writes its graph directly (milliseconds instead of seconds); an explicit
+        ``opset`` goes through the exporter, which converts and checks it."""
         target = model.target
         twin = flat_head_twin(target)
         cfg = twin.config
@@ -306,6 +311,14 @@ class TaskGraph:
         reserved = {INPUT_NAME, OUTPUT_NAME, COLUMNS_NAME}
         if reserved & set(names):
             raise ExportError(f"target names clash with reserved ONNX names: {reserved & set(names)}")
+        if isinstance(twin, MLPTarget) and opset is None:
+            proto = mlp_template(twin.config, names, input_name=INPUT_NAME,
+                                 output_name=OUTPUT_NAME, columns_name=COLUMNS_NAME)
+            graph = cls(model, proto, [COLUMNS_NAME, *names], opset=opset_of(proto),
+                        checkpoint_hash=checkpoint_hash or model_state_hash(model))
+            if check:
+                graph._check_mapping(twin, example, x)
+            return graph
         proto = trace_to_onnx(_BakedTarget(twin), (x, columns, tuple(example)), dyn,
                         [INPUT_NAME, COLUMNS_NAME, *names], opset)
 

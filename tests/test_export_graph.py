@@ -173,3 +173,36 @@ def test_an_opset_the_exporter_cannot_produce_is_refused():
     with pytest.raises(ExportError, match="cannot export opset 13"):
         TaskGraph.build(model, opset=13, check=False)
     assert opset_of(TaskGraph.build(model, opset=17, check=False).model_proto("task-0")) == 17
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(input_shape=(12,), hidden=[16, 8], num_classes=3),
+    dict(input_shape=(12,), hidden=[7], num_classes=4, activation="gelu", use_bias=False),
+    dict(input_shape=(2, 3, 4), hidden=[5], num_classes=3, num_heads=3, activation="tanh",
+         input_mean=[0.1, 0.2], input_std=[0.5, 2.0]),
+    dict(input_shape=(6,), hidden=[], num_classes=2, activation="elu", input_mean=[0.3],
+         input_std=[0.7]),
+    dict(input_shape=(9,), hidden=[4, 4], num_classes=2, activation="leaky_relu"),
+    dict(input_shape=(9,), hidden=[4], num_classes=2, activation="sigmoid"),
+], ids=["relu", "gelu-no-bias", "image-multihead-normalized", "linear-elu-norm", "leaky",
+        "sigmoid"])
+def test_mlp_graph_written_directly_equals_the_traced_graph(cfg, monkeypatch):
+    """The default build writes the MLP graph without tracing; it computes what the traced graph
+    (an explicit opset goes through the exporter) and PyTorch compute."""
+    model = HNetModel(MLPConfig(**cfg), HypernetConfig(hidden=[6], chunk_size=40), seed=3)
+    model.add_task("t0")
+    if cfg.get("num_heads", 1) > 1:
+        model.add_task("t2", head=2, num_classes=2)
+    traced = TaskGraph.build(model, opset=20)
+    real_export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("traced"))
+    direct = TaskGraph.build(model)  # check=True: ORT against PyTorch on random weights
+    monkeypatch.setattr(torch.export, "export", real_export)
+    assert direct.opset == 20
+    x = torch.rand(5, *cfg["input_shape"]) * 3 - 1
+    for task in model.task_names:
+        want = model.logits(task, x).numpy()
+        got = run(direct.serialize(task), {INPUT_NAME: x.numpy()})
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= TOL
+        assert np.abs(got - run(traced.serialize(task), {INPUT_NAME: x.numpy()})).max() <= TOL
