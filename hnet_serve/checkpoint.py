@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
@@ -32,6 +31,7 @@ from hnet_serve.fsutil import (
     check_output_dir,
     fsync_path,
     remove_stale_siblings,
+    replace_dir,
     temp_sibling,
     write_synced,
 )
@@ -98,22 +98,6 @@ def state_tensors(model: HNetModel) -> dict[str, torch.Tensor]:
     return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2). False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
-
-
 def build_manifest(model: HNetModel, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
@@ -161,16 +145,7 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
         fsync_path(tmp)
         if _before_swap is not None:
             _before_swap(tmp)
-        if not path.exists():
-            os.rename(tmp, path)
-        elif _exchange(tmp, path):
-            shutil.rmtree(tmp)  # tmp now holds the previous checkpoint
-        else:
-            old = temp_sibling(path, "old")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        fsync_path(path.parent)
+        replace_dir(tmp, path)
         # Only now, with the new checkpoint in place: a save killed between the two renames
         # above leaves the previous checkpoint in ``.NAME.old-*``, its only copy until here.
         remove_stale_siblings(path)

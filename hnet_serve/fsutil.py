@@ -9,6 +9,7 @@ survives a power loss. Readers see the old file or the new one, never half of on
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import re
@@ -88,6 +89,39 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the complete directory ``tmp`` (a :func:`temp_sibling` of ``path``) at ``path`` in one
+    atomic step (``renameat2(RENAME_EXCHANGE)``; two renames where unsupported), then delete what
+    was at ``path`` and fsync the parent. Callers check first that ``path`` may be replaced
+    (:func:`check_output_dir`)."""
+    if not path.exists():
+        os.rename(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp)  # tmp now holds the previous directory
+    else:
+        old = temp_sibling(path, "old")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    fsync_path(path.parent)
 
 
 def write_synced(path: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> None:
@@ -198,7 +232,7 @@ def check_output_file(out: str | os.PathLike, *, protect: Protect | None = None,
                       flag: str = "--output") -> Path:
     """The absolute ``out`` path, if writing a single file there (replacing a file of that
     name) loses nothing: not a directory, not inside or equal to a ``protect`` path (compared
-    after resolving symlinks and ``..``), and its directory exists."""
+    after resolving symlinks and ``..``). Whether its directory exists is the writer's check."""
     path = Path(os.path.abspath(out))
     real = path.resolve()
     for label, source in (protect or {}).items():
@@ -208,6 +242,4 @@ def check_output_file(out: str | os.PathLike, *, protect: Protect | None = None,
                              f"{str(source)!r} (nothing was written)")
     if path.is_dir():
         raise InputError(f"{flag} {str(out)!r} is a directory")
-    if not path.parent.is_dir():
-        raise InputError(f"{flag}: directory {str(path.parent)!r} does not exist")
     return path

@@ -191,3 +191,217 @@ def test_train_refuses_too_few_rows_and_the_minimum_is_configurable(capsys, tmp_
                     "--out", tmp_path / "ck", "--min-task-rows", "5", *ARCH, *TINY)
     assert code == 0, err
     assert load_checkpoint(tmp_path / "ck").task_names == ["few"]
+
+
+# -- Minor items ---------------------------------------------------------------------------------
+def rewrite_manifest(ck: Path, edit) -> None:
+    """Edit the manifest and recompute its content hash (as an attacker could)."""
+    import json
+
+    m = json.loads((ck / ckpt.MANIFEST).read_text())
+    edit(m)
+    m["content_hash"] = ckpt._content_hash(m, (ck / ckpt.WEIGHTS).read_bytes())
+    (ck / ckpt.MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("field,value", [("input_mean", [float("nan")]),
+                                         ("input_mean", [float("inf")]),
+                                         ("input_std", [float("nan")])])
+def test_non_finite_normalization_is_refused_on_load(tmp_path, field, value):
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_mlp_model(1), ck)
+    rewrite_manifest(ck, lambda m: m["target"].__setitem__(field, value))
+    with pytest.raises(CheckpointError, match=field):
+        load_checkpoint(ck)
+
+
+def test_eval_with_task_sources_not_a_mapping_is_a_clean_answer(capsys, tmp_path):
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_mlp_model(2), ck)
+    rewrite_manifest(ck, lambda m: m["meta"].update(task_sources="oops", results="oops"))
+    code = main(["eval", str(ck), "--report-dir", str(tmp_path / "rep")])
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err, err
+    assert out.count("not evaluated: no data source recorded") == 2
+
+
+def test_weights_larger_than_the_manifest_needs_are_not_read(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_mlp_model(1), ck)
+    with open(ck / ckpt.WEIGHTS, "ab") as f:
+        f.truncate((ck / ckpt.WEIGHTS).stat().st_size + (1 << 40))  # sparse: 1 TiB more
+    read = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: read.append(self.name) or real(self))
+    with pytest.raises(CheckpointError, match="more than the .* its manifest's tensors take"):
+        load_checkpoint(ck)
+    assert ckpt.WEIGHTS not in read
+
+
+def test_symlinked_members_are_not_followed(capsys, tmp_path):
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_mlp_model(1), ck)
+    (tmp_path / "secret").write_text("x" * 100)
+    (ck / "extra").symlink_to(tmp_path / "secret")
+    code = main(["info", str(ck), "--json"])
+    out = capsys.readouterr().out
+    assert code == 0 and "extra" not in out
+    (ck / "extra").unlink()
+    (ck / ckpt.WEIGHTS).rename(tmp_path / "w")
+    (ck / ckpt.WEIGHTS).symlink_to(tmp_path / "w")
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        load_checkpoint(ck)
+
+
+# scoring
+@pytest.fixture
+def scoring_setup(tmp_path):
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_mlp_model(1), ck)
+    rows = np.random.default_rng(0).normal(size=(4, 12)).round(3)
+    header = ",".join(f"f{i}" for i in range(12))
+    lines = [",".join(map(str, r)) for r in rows]
+    csv = tmp_path / "in.csv"
+    csv.write_text("\n".join([header, lines[0], "", lines[1], "  ", lines[2], lines[3], "", ""]))
+    return ck, csv
+
+
+def test_blank_csv_lines_are_skipped_and_keep_their_numbers(tmp_path, scoring_setup):
+    from hnet_serve.scoring.scorer import score_file
+
+    ck, csv = scoring_setup
+    report = score_file(ck, csv, tmp_path / "o.npy", task="task-0", row_numbers=True,
+                        rejects=str(tmp_path / "r.jsonl"), progress=False)
+    assert report.rows_rejected == 0 and report.rows_scored == 4
+    assert np.load(tmp_path / "o.npy")["row"].tolist() == [0, 2, 4, 5]
+
+
+def test_rejects_naming_the_output_by_another_spelling_is_refused(tmp_path, scoring_setup,
+                                                                  monkeypatch):
+    from hnet_serve.errors import ConfigError
+    from hnet_serve.scoring.scorer import score_file
+
+    ck, csv = scoring_setup
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link.csv").symlink_to(tmp_path / "out.csv")
+    for rejects in ("./out.csv", "link.csv", "d/../out.csv", str(tmp_path / "out.csv")):
+        with pytest.raises(ConfigError, match="same file"):
+            score_file(ck, csv, "out.csv", task="task-0", rejects=rejects, progress=False)
+    with pytest.raises(InputError, match="inside the checkpoint"):
+        score_file(ck, csv, ck / "out.csv", task="task-0", progress=False)
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("fault", ["unwritable directory", "disk full"])
+def test_score_write_failures_are_one_line(capsys, tmp_path, scoring_setup, monkeypatch, fault):
+    from hnet_serve.scoring import writers
+
+    ck, csv = scoring_setup
+    if fault == "unwritable directory":  # (tests run as root: chmod would not stop us)
+        def denied(path, kind="tmp"):
+            raise PermissionError(13, "Permission denied", str(path))
+        monkeypatch.setattr(writers, "temp_sibling", denied)
+    else:
+        def full(path):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(writers, "fsync_path", full)
+    code, err = run(capsys, "score", ck, "--input", csv, "--output", tmp_path / "o.csv",
+                    "--task", "task-0", "--no-progress")
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert ("Permission denied" if fault == "unwritable directory" else "No space left") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "in.csv"]
+
+
+# export
+def test_killed_export_all_leaves_the_previous_set(tmp_path, monkeypatch):
+    from hnet_serve.export import onnx_export
+
+    model = tiny_mlp_model(4)
+    out = tmp_path / "onnx"
+    onnx_export.export_all(model, out, ["task-0"], verify=False)
+    before = tree_digest(out)
+    real = onnx_export._export_task
+    calls = []
+
+    def killed_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "_export_task", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_all(model, out, verify=False)
+    assert tree_digest(out) == before  # not 2 of 4 new files next to the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+    monkeypatch.setattr(onnx_export, "_export_task", real)
+    onnx_export.export_all(model, out, ["task-1"], verify=False)
+    assert sorted(p.name for p in out.iterdir()) == ["task-0.onnx", "task-1.onnx"]
+
+
+def test_export_out_holding_other_files_or_the_checkpoint_is_refused(capsys, tmp_path):
+    save_checkpoint(tiny_mlp_model(1), tmp_path / "ck")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = tree_digest(tmp_path)
+    for out in (tmp_path, tmp_path / "ck"):
+        code, err = run(capsys, "export", tmp_path / "ck", "--all", "--out", out, "--no-verify")
+        assert code == 1 and "Traceback" not in err and "checkpoint" in err, err
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("mine")
+    code, err = run(capsys, "export", tmp_path / "ck", "--all", "--out", tmp_path / "docs",
+                    "--no-verify")
+    assert code == 1 and "'a.txt'" in err and "not an export directory" in err
+    assert (tmp_path / "docs" / "a.txt").read_text() == "mine"
+    assert {k: v for k, v in tree_digest(tmp_path).items() if not k.startswith("docs")} == before
+
+
+# model store
+@pytest.fixture
+def model_store(tmp_path):
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    (tmp_path / "models").mkdir()
+    with BentoMLContainer.model_store.patch(ModelStore(str(tmp_path / "models"))):
+        yield tmp_path / "models"
+
+
+def test_a_damaged_store_copy_is_replaced_on_the_next_import(tmp_path, model_store):
+    import bentoml
+
+    from hnet_serve.serving.store import checkpoint_dir, import_checkpoint
+
+    save_checkpoint(tiny_mlp_model(2), tmp_path / "ck")
+    tag = import_checkpoint(tmp_path / "ck")
+    stored = checkpoint_dir(bentoml.models.get(tag)) / ckpt.WEIGHTS
+    data = bytearray(stored.read_bytes())
+    data[-5] ^= 0x40  # bit rot
+    stored.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(stored.parent)
+    assert import_checkpoint(tmp_path / "ck") == tag
+    assert load_checkpoint(checkpoint_dir(bentoml.models.get(tag))).task_names == [
+        "task-0", "task-1"]
+
+
+def test_serve_import_only_on_a_full_disk_is_one_line(capsys, tmp_path, model_store,
+                                                      monkeypatch):
+    import bentoml
+
+    from hnet_serve.serving import store
+
+    save_checkpoint(tiny_mlp_model(2), tmp_path / "ck")
+
+    def full(src, dst, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.shutil, "copy2", full)
+    code, err = run(capsys, "serve", tmp_path / "ck", "--import-only")
+    assert code == 1 and "No space left" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    from bentoml.exceptions import NotFound
+
+    with pytest.raises(NotFound):
+        bentoml.models.list("hnet")

@@ -288,8 +288,11 @@ def add_task(
     for n, figs in report.old_tasks.items():
         if figs["after"] is not None:
             model.registry.get(n).metrics["accuracy"] = figs["after"]
-    model.meta.setdefault("task_sources", {})[task.name] = task.source
-    model.meta.setdefault("history", []).append({
+    for key, kind in (("task_sources", dict), ("history", list)):
+        if not isinstance(model.meta.get(key), kind):  # absent, or hand-edited to another type
+            model.meta[key] = kind()
+    model.meta["task_sources"][task.name] = task.source
+    model.meta["history"].append({
         "added_task": task.name,
         "parent_checkpoint": parent_hash,
         "time": datetime.now(timezone.utc).isoformat(),
@@ -376,8 +379,8 @@ def evaluate_checkpoint(
         d = Path(report_dir)
         d.mkdir(parents=True, exist_ok=True)
         (d / "eval.json").write_text(json.dumps(report, indent=2))
-        results = model.meta.get("results") or {}
-        if results.get("accuracy_matrix"):
+        results = model.meta.get("results")
+        if isinstance(results, dict) and results.get("accuracy_matrix"):
             plot_accuracy_matrix(results["accuracy_matrix"], results["task_names"],
                                  d / "accuracy_matrix.png")
         plot_embeddings(model, d / "embeddings.png")
