@@ -7,13 +7,19 @@
 
 Every file is verified before it is written (:mod:`export.verify`; ``verify=False`` skips it),
 written to a temporary name in the destination directory, fsynced and renamed into place, so a
-failure never leaves a half-written file and never touches an existing one. Task names are
+failure never leaves a half-written file and never touches an existing one. ``export_all``
+writes only to a new or empty directory or an export directory (ONNX files only), and builds the
+whole set in a hidden sibling that is swapped in at the end: ``--out`` shows the previous set or
+the new one, never part of one. Task names are
 validated against the naming rule and the registry before anything is traced or written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +42,15 @@ from hnet_serve.export.verify import (
     verify_dynamic,
     verify_task,
 )
-from hnet_serve.fsutil import fsync_path, temp_sibling, write_atomic
+from hnet_serve.fsutil import (
+    check_output_dir,
+    fsync_path,
+    owned_files,
+    remove_stale_siblings,
+    replace_dir,
+    temp_sibling,
+    write_atomic,
+)
 from hnet_serve.model import HNetModel
 from hnet_serve.onnx_graph import TaskGraph, opset_of
 from hnet_serve.registry import validate_task_name
@@ -62,6 +76,7 @@ class ExportResult:
     real_rows: int  # rows of the task's real test data among rows_checked
     data_note: str = ""  # why real test inputs were not used
     quantized: QuantizeReport | None = None
+    sha256: str = ""  # of the written file
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -153,11 +168,21 @@ def _check_file_target(path: Path) -> Path:
     return path
 
 
-def _check_out_dir(out_dir: str | os.PathLike) -> Path:
+def _export_member(name: str) -> bool:
+    """What an export directory may hold: our ONNX files (and the hidden temporary file of a
+    write cut short, ``.NAME.onnx.tmp-*``)."""
+    return name.endswith(".onnx") or (name.startswith(".") and ".onnx.tmp-" in name)
+
+
+def _check_out_dir(out_dir: str | os.PathLike, source: Source) -> Path:
+    """``out_dir`` per the output rule (:func:`hnet_serve.fsutil.check_output_dir`): new, empty,
+    or an export directory (only ONNX files); never the checkpoint's folder."""
     out = Path(os.path.abspath(out_dir))
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
-    return out
+    protect = {"checkpoint": source} if isinstance(source, (str, os.PathLike)) else None
+    return check_output_dir(out, owned=owned_files(_export_member, "export"), protect=protect,
+                            what="an export")
 
 
 def _task_paths(out: Path, names: list[str], quantize: str | None) -> dict[str, tuple[Path, Path | None]]:
@@ -212,6 +237,11 @@ class _Writer:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
 
+    def close_quietly(self) -> None:
+        """Close after another error: a write failing now must not mask it."""
+        with contextlib.suppress(Exception):
+            self.close()
+
 
 def _export_task(graph: TaskGraph, task: str, weights: torch.Tensor, path: Path,
                  quant_path: Path | None, writer: _Writer, *, verify: bool, full_check: bool,
@@ -243,6 +273,7 @@ def _export_task(graph: TaskGraph, task: str, weights: torch.Tensor, path: Path,
         fsync_path(quant_path.parent)
     return ExportResult(
         task=task, path=str(path), bytes=len(blob), seconds=time.perf_counter() - t0,
+        sha256=hashlib.sha256(blob).hexdigest(),
         opset=graph.opset, verified=verify,
         max_abs_diff=parity.max_abs_diff if verify else None,
         rows_checked=parity.rows, real_rows=parity.real_rows,
@@ -266,12 +297,15 @@ def export_all(source: Source, out_dir: str | os.PathLike, tasks: list[str] | No
     _check_opset(opset)
     model, ckpt_hash = load_source(source)
     names = resolve_tasks(model, tasks)
-    out = _check_out_dir(out_dir)
+    out = _check_out_dir(out_dir, source)
     paths = _task_paths(out, names, quantize)
 
     graph = TaskGraph.build(model, opset=opset, checkpoint_hash=ckpt_hash)
     data, notes = recorded_test_data(model, names) if (verify or quantize) else ({}, {})
-    out.mkdir(parents=True, exist_ok=True)
+    # The set is built in a hidden sibling holding (hard links to) the files already in ``out``
+    # plus the new ones, then swapped in whole: a killed or failed export leaves ``out`` as it
+    # was, never a partial set that looks complete.
+    work = _start_set(out)
     results: list[ExportResult] = []
     from tqdm import tqdm
 
@@ -286,7 +320,7 @@ def export_all(source: Source, out_dir: str | os.PathLike, tasks: list[str] | No
                     weights = model.generate(group)  # (K, n_params), one pass
                 share = (time.perf_counter() - t0) / len(group)  # each task's part of it
                 for name, w in zip(group, weights):
-                    main, quant = paths[name]
+                    main, quant = (None if p is None else work / p.name for p in paths[name])
                     result = _export_task(graph, name, w, main, quant, writer, verify=verify,
                                           full_check=not results, tolerance=tolerance,
                                           data=data, notes=notes)
@@ -296,9 +330,46 @@ def export_all(source: Source, out_dir: str | os.PathLike, tasks: list[str] | No
         t0 = time.perf_counter()
         writer.wait()
         results[-1].seconds += time.perf_counter() - t0  # the last write is nobody's overlap
-    finally:
         writer.close()
+        _finish_set(work, out)
+    except BaseException:  # Ctrl-C included
+        writer.close_quietly()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    for r in results:  # the files' final names
+        r.path = str(out / Path(r.path).name)
+        if r.quantized is not None:
+            r.quantized.path = str(out / Path(r.quantized.path).name)
     return results
+
+
+def _start_set(out: Path) -> Path:
+    """A hidden sibling of ``out`` holding hard links to (copies of, across devices) the ONNX
+    files already there."""
+    work = temp_sibling(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(out)  # a killed export's leftover
+        work.mkdir()
+        if out.is_dir():
+            for f in sorted(out.iterdir()):
+                if f.name.endswith(".onnx") and not f.name.startswith("."):
+                    try:
+                        os.link(f, work / f.name)
+                    except OSError:
+                        shutil.copy2(f, work / f.name)
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return work
+
+
+def _finish_set(work: Path, out: Path) -> None:
+    try:
+        fsync_path(work)
+        replace_dir(work, out)
+    except OSError as exc:
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
 def to_onnx(source: Source, task: str, path: str | os.PathLike, *, opset: int | None = None,

@@ -12,9 +12,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +28,14 @@ from safetensors.torch import save as st_save
 from hnet_serve import __version__
 from hnet_serve.configs import first_problem
 from hnet_serve.errors import CheckpointError, HNetError
-from hnet_serve.fsutil import fsync_path, remove_stale_siblings, temp_sibling, write_synced
+from hnet_serve.fsutil import (
+    check_output_dir,
+    fsync_path,
+    remove_stale_siblings,
+    replace_dir,
+    temp_sibling,
+    write_synced,
+)
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import TaskRegistry
@@ -92,22 +99,6 @@ def state_tensors(model: HNetModel) -> dict[str, torch.Tensor]:
     return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2). False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
-
-
 def build_manifest(model: HNetModel, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
@@ -134,6 +125,12 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory")
+    # The last line of defence of the output rule (fsutil.check_output_dir): the swap below
+    # deletes what was at ``path``, so it must be nothing or a checkpoint.
+    why = not_a_checkpoint(path) if path.is_dir() and any(path.iterdir()) else None
+    if path.is_symlink() or why is not None:
+        raise CheckpointError(f"{path} is not a checkpoint directory ({why or 'a symbolic link'})"
+                              "; it is never replaced")
     tensors = state_tensors(model)
     # One metadata key: safetensors writes a map's keys in no fixed order, and the file's bytes
     # must be deterministic for the content hash.
@@ -149,16 +146,7 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
         fsync_path(tmp)
         if _before_swap is not None:
             _before_swap(tmp)
-        if not path.exists():
-            os.rename(tmp, path)
-        elif _exchange(tmp, path):
-            shutil.rmtree(tmp)  # tmp now holds the previous checkpoint
-        else:
-            old = temp_sibling(path, "old")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        fsync_path(path.parent)
+        replace_dir(tmp, path)
         # Only now, with the new checkpoint in place: a save killed between the two renames
         # above leaves the previous checkpoint in ``.NAME.old-*``, its only copy until here.
         remove_stale_siblings(path)
@@ -170,13 +158,45 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
     return manifest["content_hash"]
 
 
+def not_a_checkpoint(path: str | os.PathLike) -> str | None:
+    """None if ``path`` is a checkpoint directory that a save may replace: only our two files,
+    neither a symlink, and a manifest that reads as a checkpoint. Otherwise why not."""
+    path = Path(path)
+    for entry in sorted(path.iterdir()):
+        if entry.name not in (MANIFEST, WEIGHTS):
+            return f"it holds {entry.name!r}, which is not a checkpoint file"
+        if entry.is_symlink() or not entry.is_file():
+            return f"its {entry.name} is not a regular file"
+    try:
+        read_manifest(path)
+    except CheckpointError as exc:
+        return f"no checkpoint manifest: {exc}"
+    return None
+
+
+def check_checkpoint_out(out: str | os.PathLike, *, overwrite: bool,
+                         protect: dict[str, str | os.PathLike] | None = None) -> Path:
+    """The absolute ``out`` path, if a checkpoint may be written there (see
+    :func:`hnet_serve.fsutil.check_output_dir`): new, empty, or (``overwrite``) a checkpoint."""
+    return check_output_dir(out, owned=not_a_checkpoint, overwrite=overwrite, protect=protect,
+                            what="a checkpoint")
+
+
 # -- loading ------------------------------------------------------------------------------
+def _regular_member(path: Path, name: str) -> Path:
+    """``path/name``, refusing a symlink (a checkpoint's members are its own files)."""
+    member = path / name
+    if member.is_symlink():
+        raise CheckpointError(f"{member} is a symbolic link; a checkpoint's files must be its own")
+    return member
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and validate ``manifest.json`` only (no weights)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
-    mpath = path / MANIFEST
+    mpath = _regular_member(path, MANIFEST)
     if not mpath.is_file():
         raise CheckpointError(f"missing {MANIFEST} in checkpoint {str(path)!r}")
     try:
@@ -204,10 +224,14 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
     path = Path(path)
     raw = read_manifest(path)
     man = Manifest.model_validate(raw)
-    wpath = path / WEIGHTS
+    wpath = _regular_member(path, WEIGHTS)
     if not wpath.is_file():
         raise CheckpointError(f"missing {WEIGHTS} in checkpoint {str(path)!r}")
-    weights = wpath.read_bytes()
+    _check_weights_size(man, wpath)
+    try:
+        weights = wpath.read_bytes()
+    except (OSError, MemoryError) as exc:
+        raise CheckpointError(f"{wpath}: cannot read ({exc})") from None
     if _content_hash(raw, weights) != man.content_hash:
         try:
             st_load(weights)
@@ -279,6 +303,32 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
     return model
 
 
+_MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
+
+
+def _check_weights_size(man: Manifest, wpath: Path) -> None:
+    """Refuse, before reading it, a weights file larger than the manifest's tensor index needs
+    (8-byte length + header + data): a file larger than memory is never read whole. A smaller
+    one is read and reported by the content hash check."""
+    data = 0
+    for key, entry in man.tensors.items():
+        dtype = getattr(torch, entry.dtype, None)
+        if not isinstance(dtype, torch.dtype) or any(d < 0 for d in entry.shape):
+            raise CheckpointError(f"{wpath.parent / MANIFEST}: invalid tensor entry {key!r}")
+        data += math.prod(entry.shape) * torch.empty((), dtype=dtype).element_size()
+    try:
+        size = wpath.stat().st_size
+        with open(wpath, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+    except OSError as exc:
+        raise CheckpointError(f"{wpath}: cannot read ({exc})") from None
+    limit = 8 + min(header, _MAX_HEADER) + data
+    if size > limit:
+        raise CheckpointError(
+            f"{wpath}: {size:,} bytes, more than the {limit:,} its manifest's tensors take "
+            "(file modified or not this checkpoint's); not read")
+
+
 def _check_registry(registry: TaskRegistry, man: Manifest, path: Path) -> None:
     cfg = man.target
     for t in registry:
@@ -311,5 +361,7 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
 
 
 def checkpoint_files(path: str | os.PathLike) -> dict[str, int]:
+    """Name -> size of the checkpoint's regular files (symlinks are not followed or listed)."""
     path = Path(path)
-    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir())
+            if not p.is_symlink() and p.is_file()}

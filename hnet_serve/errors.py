@@ -60,6 +60,13 @@ class ExportError(HNetError):
     http_status = 500
 
 
+class OutputError(HNetError):
+    """An output that could not be written: the disk is full, the directory read-only. (A path
+    refused because writing there could lose data is an :class:`InputError`.)"""
+
+    http_status = 500
+
+
 class ForgettingError(HNetError):
     """Adding a task would change old tasks beyond the configured tolerance."""
 

@@ -64,6 +64,13 @@ class _TargetConfigBase(BaseModel):
             raise ValueError(f"input_shape must be non-empty positive dims, got {list(v)}")
         return v
 
+    @field_validator("input_mean")
+    @classmethod
+    def _finite_mean(cls, v: list[float]) -> list[float]:
+        if not v or any(not math.isfinite(m) for m in v):
+            raise ValueError(f"input_mean must be finite numbers, got {v}")
+        return v
+
     @field_validator("input_std")
     @classmethod
     def _positive_std(cls, v: list[float]) -> list[float]:

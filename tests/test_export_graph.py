@@ -176,14 +176,14 @@ def test_an_opset_the_exporter_cannot_produce_is_refused():
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(input_shape=(12,), hidden=[16, 8], num_classes=3),
-    dict(input_shape=(12,), hidden=[7], num_classes=4, activation="gelu", use_bias=False),
-    dict(input_shape=(2, 3, 4), hidden=[5], num_classes=3, num_heads=3, activation="tanh",
-         input_mean=[0.1, 0.2], input_std=[0.5, 2.0]),
-    dict(input_shape=(6,), hidden=[], num_classes=2, activation="elu", input_mean=[0.3],
-         input_std=[0.7]),
-    dict(input_shape=(9,), hidden=[4, 4], num_classes=2, activation="leaky_relu"),
-    dict(input_shape=(9,), hidden=[4], num_classes=2, activation="sigmoid"),
+    {"input_shape": (12,), "hidden": [16, 8], "num_classes": 3},
+    {"input_shape": (12,), "hidden": [7], "num_classes": 4, "activation": "gelu", "use_bias": False},
+    {"input_shape": (2, 3, 4), "hidden": [5], "num_classes": 3, "num_heads": 3, "activation": "tanh",
+         "input_mean": [0.1, 0.2], "input_std": [0.5, 2.0]},
+    {"input_shape": (6,), "hidden": [], "num_classes": 2, "activation": "elu", "input_mean": [0.3],
+         "input_std": [0.7]},
+    {"input_shape": (9,), "hidden": [4, 4], "num_classes": 2, "activation": "leaky_relu"},
+    {"input_shape": (9,), "hidden": [4], "num_classes": 2, "activation": "sigmoid"},
 ], ids=["relu", "gelu-no-bias", "image-multihead-normalized", "linear-elu-norm", "leaky",
         "sigmoid"])
 def test_mlp_graph_written_directly_equals_the_traced_graph(cfg, monkeypatch):

@@ -19,8 +19,14 @@ from typing import Any
 
 import torch
 
-from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
+from hnet_serve.checkpoint import (
+    check_checkpoint_out,
+    checkpoint_hash,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hnet_serve.errors import ForgettingError, InputError, TaskExistsError
+from hnet_serve.fsutil import check_output_dir, owned_files
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import validate_task_name
 from hnet_serve.targets import TargetSpec
@@ -42,14 +48,26 @@ from hnet_serve.training.methods.registry import make_method
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool, protect: str | os.PathLike | None = None
-               ) -> Path:
-    """The absolute ``out`` path, if writing a checkpoint there loses nothing."""
-    path = Path(out).absolute()
-    if protect is not None and path.resolve() == Path(protect).resolve():
-        raise InputError(f"--out {str(out)!r} is the source checkpoint; write the new version elsewhere")
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise InputError(f"{str(out)!r} already exists; choose another --out or pass --overwrite")
-    return path
+                  ) -> Path:
+    """The absolute ``out`` path, if writing a checkpoint there loses nothing: new, empty, or
+    (``overwrite``) a checkpoint directory, never a folder holding or inside ``protect`` (the
+    source checkpoint). See :func:`hnet_serve.fsutil.check_output_dir`."""
+    return check_checkpoint_out(
+        out, overwrite=overwrite,
+        protect={"source checkpoint": protect} if protect is not None else None)
+
+
+REPORT_FILES = ("results.json", "eval.json", "accuracy_matrix.png", "embeddings.png")
+
+
+def check_report_dir(directory: str | os.PathLike,
+                     checkpoint: str | os.PathLike | None = None) -> Path:
+    """The absolute report directory, if writing there loses nothing: new, empty, or holding
+    only report files (which are replaced), and neither holding nor inside ``checkpoint``."""
+    return check_output_dir(
+        directory, owned=owned_files(REPORT_FILES.__contains__, "report"), flag="--report-dir",
+        what="a report", protect={"checkpoint": checkpoint} if checkpoint is not None else None,
+    )
 
 
 def load_benchmark(config: TrainConfig) -> list[TaskData]:
@@ -75,6 +93,9 @@ def train_tasks(
     produces a checkpoint; other methods return their own model object.
     """
     out_path = check_out_dir(out, overwrite) if out is not None else None
+    if report_dir is not None:
+        check_report_dir(report_dir, out)
+    config.check_tasks(tasks)
     method = make_method(config, tasks)
     model = getattr(method, "model", None)
     if isinstance(model, HNetModel):
@@ -143,7 +164,7 @@ def write_report(result: TrainResult, directory: str | os.PathLike,
 
     With ``config``, ``results.json`` also records the settings that produced it (a baseline's
     report is its only artifact, so its strengths must be in it)."""
-    d = Path(directory)
+    d = check_report_dir(directory)
     d.mkdir(parents=True, exist_ok=True)
     files = {"results": str(d / "results.json"), "accuracy_matrix": str(d / "accuracy_matrix.png")}
     data = result.to_dict()
@@ -261,6 +282,7 @@ def add_task(
     })
 
     task = _new_task(model, config, name, data, benchmark_task)
+    config.check_tasks([task])
     old_data, _ = recorded_tasks(model)
     names = model.task_names
     with torch.no_grad():
@@ -307,8 +329,11 @@ def add_task(
     for n, figs in report.old_tasks.items():
         if figs["after"] is not None:
             model.registry.get(n).metrics["accuracy"] = figs["after"]
-    model.meta.setdefault("task_sources", {})[task.name] = task.source
-    model.meta.setdefault("history", []).append({
+    for key, kind in (("task_sources", dict), ("history", list)):
+        if not isinstance(model.meta.get(key), kind):  # absent, or hand-edited to another type
+            model.meta[key] = kind()
+    model.meta["task_sources"][task.name] = task.source
+    model.meta["history"].append({
         "added_task": task.name,
         "parent_checkpoint": parent_hash,
         "time": datetime.now(timezone.utc).isoformat(),
@@ -364,6 +389,8 @@ def evaluate_checkpoint(
     with the training-time accuracy matrix in the checkpoint also ``bwt`` (now vs. just after
     each task was trained).
     """
+    if report_dir is not None:
+        check_report_dir(report_dir, checkpoint)
     model = load_checkpoint(checkpoint)
     if tasks is None:
         found, missing = recorded_tasks(model)
@@ -393,8 +420,8 @@ def evaluate_checkpoint(
         d = Path(report_dir)
         d.mkdir(parents=True, exist_ok=True)
         (d / "eval.json").write_text(json.dumps(report, indent=2))
-        results = model.meta.get("results") or {}
-        if results.get("accuracy_matrix"):
+        results = model.meta.get("results")
+        if isinstance(results, dict) and results.get("accuracy_matrix"):
             plot_accuracy_matrix(results["accuracy_matrix"], results["task_names"],
                                  d / "accuracy_matrix.png")
         plot_embeddings(model, d / "embeddings.png")

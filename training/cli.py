@@ -58,6 +58,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                    "(sharper task inference by entropy; not in the paper; default 0: off)")
     g.add_argument("--outlier-kinds", type=_name_list, metavar="K1,K2",
                    help=f"outliers to draw from ({', '.join(OUTLIER_KINDS)}; default: all)")
+    g.add_argument("--min-task-rows", type=int, metavar="N",
+                   help="refuse a task with fewer training rows (default 10)")
+    g.add_argument("--min-task-classes", type=int, metavar="N",
+                   help="refuse a task with fewer distinct training labels (default 2)")
     g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -103,6 +107,7 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "reg_method": args.reg_method, "reg_tasks": args.reg_tasks,
         "train_old_embeddings": args.train_old_embeddings,
         "outlier_weight": args.outlier_weight, "outlier_kinds": args.outlier_kinds,
+        "min_task_rows": args.min_task_rows, "min_task_classes": args.min_task_classes,
     }
 
 
@@ -122,7 +127,12 @@ def _pct(v: float | None) -> str:
 # -- train ----------------------------------------------------------------------------------
 def _cmd_train(args: argparse.Namespace) -> int:
     from hnet_serve.console import print_json
-    from hnet_serve.training.api import check_out_dir, load_benchmark, train_tasks
+    from hnet_serve.training.api import (
+        check_out_dir,
+        check_report_dir,
+        load_benchmark,
+        train_tasks,
+    )
     from hnet_serve.training.config import build_config
     from hnet_serve.training.loop import Interrupted
 
@@ -150,10 +160,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Only the hypernetwork makes a servable checkpoint; baselines (--method finetune, ewc, ...)
     # are for comparison and write their report only.
     out = args.out if config.method == "hnet" else None
-    if out is not None:
-        check_out_dir(out, args.overwrite)  # before spending time on data
-    tasks = load_benchmark(config)
     report_dir = args.report_dir or f"{Path(args.out).absolute()}-report"
+    if out is not None:  # before spending time on data
+        check_out_dir(out, args.overwrite)
+    check_report_dir(report_dir, out)
+    tasks = load_benchmark(config)
     try:
         model, result = train_tasks(tasks, config, out, overwrite=args.overwrite,
                                 progress=not args.no_progress, report_dir=report_dir)

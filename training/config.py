@@ -57,6 +57,10 @@ class TrainConfig(BaseModel):
     multi_head: bool = False  # one output head per task (task-incremental, shared layout)
     num_heads: int | None = Field(default=None, gt=0, le=10_000)  # default: number of tasks
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # A task must have at least this many training rows and distinct training labels (checked
+    # before training; docs/training.md, "Task data"). 1 turns a check off.
+    min_task_rows: int = Field(default=10, ge=1)
+    min_task_classes: int = Field(default=2, ge=1)
     eval_batch_size: int = Field(default=1000, gt=0, le=1_000_000)
 
     target: TargetSpec = Field(default_factory=TargetSpec)
@@ -68,6 +72,11 @@ class TrainConfig(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError(f"outlier kinds must be distinct, got {v}")
         return v
+
+    def check_tasks(self, tasks: list[Any]) -> None:
+        """Every task has ``min_task_rows`` rows and ``min_task_classes`` classes to learn from."""
+        for task in tasks:
+            task.check_trainable(self.min_task_rows, self.min_task_classes)
 
     def steps_for(self, n_train: int) -> int:
         """Optimizer steps for a task with ``n_train`` examples."""

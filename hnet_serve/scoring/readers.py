@@ -10,6 +10,7 @@ import csv
 import math
 import mmap
 import os
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,6 +215,22 @@ def _line_blocks(f: IO[bytes], block_bytes: int) -> Iterator[bytes]:
         yield rest
 
 
+_BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r]*\n")
+
+
+def _without_blank_lines(block: bytes) -> tuple[bytes, np.ndarray]:
+    """``block`` without its blank lines, and the line number (0-based, in ``block``) of each
+    line kept. The common case (no blank line) costs one regex scan and no copy."""
+    n = block.count(b"\n") + (not block.endswith(b"\n"))
+    if _BLANK_LINE.search(block) is None:
+        return block, np.arange(n, dtype=np.int64)
+    lines = block.split(b"\n")[:n]
+    kept = [i for i, line in enumerate(lines) if line.strip(b" \t\r")]
+    if not kept:
+        return b"", np.zeros(0, dtype=np.int64)
+    return b"\n".join(lines[i] for i in kept) + b"\n", np.asarray(kept, dtype=np.int64)
+
+
 def _read_csv(path: Path, input_shape: tuple[int, ...], batch_size: int, task_column: str | None):
     """CSV in blocks of about ``batch_size`` lines, each parsed on its own.
 
@@ -240,11 +257,18 @@ def _read_csv(path: Path, input_shape: tuple[int, ...], batch_size: int, task_co
     next_row = 0
     with open(path, "rb") as f:
         f.seek(header_bytes)
-        for block in _line_blocks(f, block_bytes):
+        for raw in _line_blocks(f, block_bytes):
+            # Blank lines are skipped (neither scored nor rejected) but keep their numbers:
+            # pyarrow would read one as a row of empty fields, so they are cut out first.
+            block, line_of = _without_blank_lines(raw)
+            n_lines = raw.count(b"\n") + (not raw.endswith(b"\n"))
+            if not block:
+                next_row += n_lines
+                continue
             dropped: list[tuple[int, Reject | None]] = []  # (line in block, reject or blank)
 
-            def on_invalid(row, dropped=dropped, start=next_row) -> str:
-                line = row.number - 1  # 1-based within the block, no header
+            def on_invalid(row, dropped=dropped, start=next_row, line_of=line_of) -> str:
+                line = int(line_of[row.number - 1])  # row.number: 1-based in the block
                 if not row.text.strip():
                     dropped.append((line, None))
                 else:
@@ -264,15 +288,14 @@ def _read_csv(path: Path, input_shape: tuple[int, ...], batch_size: int, task_co
                 )
             except pa.ArrowInvalid as exc:
                 raise InputError(f"{path}: cannot parse CSV near row {next_row} ({exc})") from None
-            lines = table.num_rows + len(dropped)
-            rows = np.arange(next_row, next_row + lines, dtype=np.int64)
+            rows = next_row + line_of[: table.num_rows + len(dropped)]
             if dropped:
-                keep = np.ones(lines, dtype=bool)
-                keep[[line for line, _ in dropped]] = False
+                keep = np.ones(len(rows), dtype=bool)
+                keep[np.searchsorted(line_of, [line for line, _ in dropped])] = False
                 rows = rows[keep]
             chunk = table_chunk(table, columns, width, rows)
             chunk.rejects = [r for _, r in dropped if r is not None]
-            next_row += lines
+            next_row += n_lines
             yield chunk
 
 

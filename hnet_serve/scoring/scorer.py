@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from hnet_serve.errors import ConfigError, InputError
+from hnet_serve.errors import ConfigError, InputError, OutputError
+from hnet_serve.fsutil import check_output_file
 from hnet_serve.scoring.config import ScoringConfig
 
 if TYPE_CHECKING:
@@ -311,7 +312,10 @@ def score_batch(
 
 
 # -- files --------------------------------------------------------------------------------
-def _check_paths(input: Path, output: Path, rejects: Path | None) -> None:
+def _check_paths(input: Path, output: Path, rejects: Path | None,
+                 checkpoint: Path | None = None) -> None:
+    """Paths are compared resolved (symlinks, ``..``, ``./``): two spellings of one file are one
+    file. Outputs follow the output rule of :func:`hnet_serve.fsutil.check_output_file`."""
     from hnet_serve.scoring.readers import INPUT_SUFFIXES, OUTPUT_SUFFIXES, suffix_of
 
     suffix_of(input, INPUT_SUFFIXES, "input")
@@ -320,10 +324,14 @@ def _check_paths(input: Path, output: Path, rejects: Path | None) -> None:
         raise InputError(f"input file {str(input)!r} does not exist")
     same = [(output, "output")] + ([(rejects, "rejects file")] if rejects else [])
     for path, what in same:
-        if path.exists() and path.resolve() == input.resolve():
+        if path.resolve() == input.resolve():
             raise ConfigError(f"the {what} {str(path)!r} is the input file: it would be replaced")
-    if rejects is not None and rejects.absolute() == output.absolute():
-        raise ConfigError("the rejects file and the output must be different files")
+    if rejects is not None and rejects.resolve() == output.resolve():
+        raise ConfigError("the rejects file and the output must be different files "
+                          f"({str(rejects)!r} and {str(output)!r} are the same file)")
+    protect = {"checkpoint": checkpoint} if checkpoint is not None else None
+    for path, flag in [(output, "--output")] + ([(rejects, "--rejects")] if rejects else []):
+        check_output_file(path, protect=protect, flag=flag)
 
 
 def _check_task(checkpoint: str | os.PathLike, task: str) -> None:
@@ -358,7 +366,8 @@ def score_file(
     config = ScoringConfig.build(**options)
     input, output = Path(input), Path(output)
     rejects_path = Path(config.rejects) if config.rejects else None
-    _check_paths(input, output, rejects_path)
+    _check_paths(input, output, rejects_path,
+                 None if isinstance(checkpoint, Runtime) else Path(checkpoint))
     if config.task is not None and not isinstance(checkpoint, Runtime):
         _check_task(checkpoint, config.task)  # before the (slower) load and graph build
     runtime = runtime_for(checkpoint, config)
@@ -395,6 +404,12 @@ def score_file(
         # Rejects first: an output never appears without its rejects file.
         for w in reversed(writers):
             w.commit()
+    except OSError as exc:  # the disk refused (full, read-only): one line, no partial output
+        for w in writers:
+            w.abort()
+        raise OutputError(f"cannot write the output {str(output)!r}"
+                          f"{' or its rejects file' if rejects_path else ''}: "
+                          f"{exc.strerror or exc}") from None
     except BaseException:  # Ctrl-C included: leave no partial output behind
         for w in writers:
             w.abort()

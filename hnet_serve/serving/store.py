@@ -1,14 +1,17 @@
 """Checkpoints in the BentoML model store.
 
 ``import_checkpoint(dir)`` validates a checkpoint (a full load: format, shapes, hash) and copies
-it into the store as ``hnet:<first 16 hex digits of its content hash>``, labelled with its task
+it into the store (then verifies the copy the same way) as ``hnet:<first 16 hex digits of its content hash>``, labelled with its task
 count and target kind. The version is the content, so importing the same checkpoint twice is a
-no-op and two different checkpoints never share a tag. The store's location is BentoML's
+no-op and two different checkpoints never share a tag. A stored copy found damaged on a later
+import (bit rot, a copy cut short) is not trusted: it is verified in full every time and
+replaced from the source. The store's location is BentoML's
 (``$BENTOML_HOME/models``, default ``~/bentoml/models``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -39,10 +42,9 @@ def import_checkpoint(path: str | os.PathLike) -> str:
     except NotFound:
         existing = None
     if existing is not None:
-        stored = checkpoint_dir(existing)
-        if (stored / MANIFEST).is_file():
+        if stored_copy_problem(existing) is None:
             return str(existing.tag)
-        bentoml.models.delete(tag)  # an incomplete entry: replace it
+        bentoml.models.delete(tag)  # incomplete or damaged (bit rot, a partial copy): replace it
     info = model.info()
     labels = {
         "tasks": str(len(model.registry)),
@@ -56,12 +58,37 @@ def import_checkpoint(path: str | os.PathLike) -> str:
         "hypernet_params": info["hypernet_params"],
         "source": str(Path(path).absolute()),
     }
-    with bentoml.models.create(tag, labels=labels, metadata=metadata) as stored_model:
-        dest = Path(stored_model.path) / CHECKPOINT_SUBDIR
-        dest.mkdir()
-        for name in (MANIFEST, WEIGHTS):
-            shutil.copy2(Path(path) / name, dest / name)
+    try:
+        with bentoml.models.create(tag, labels=labels, metadata=metadata) as stored_model:
+            dest = Path(stored_model.path) / CHECKPOINT_SUBDIR
+            dest.mkdir()
+            for name in (MANIFEST, WEIGHTS):
+                shutil.copy2(Path(path) / name, dest / name)
+    except OSError as exc:  # a full disk, a read-only store: one line, no half entry
+        with contextlib.suppress(Exception):
+            bentoml.models.delete(tag)
+        raise CheckpointError(f"cannot import {path} into the BentoML model store: "
+                              f"{exc.strerror or exc}") from None
+    problem = stored_copy_problem(bentoml.models.get(tag))
+    if problem is not None:
+        bentoml.models.delete(tag)
+        raise CheckpointError(f"the model-store copy of {path} does not verify after import "
+                              f"({problem}); nothing kept")
     return str(stored_model.tag)
+
+
+def stored_copy_problem(stored_model: Any) -> str | None:
+    """None if the stored copy is a complete checkpoint whose files match its content hash and
+    the tag's version (a full load); otherwise what is wrong with it."""
+    try:
+        path = checkpoint_dir(stored_model)
+        load_checkpoint(path)
+        content_hash = read_manifest(path)["content_hash"]
+    except CheckpointError as exc:
+        return str(exc)
+    if not content_hash.startswith(str(stored_model.tag.version)):
+        return f"its content hash {content_hash[:16]} is not its tag's version"
+    return None
 
 
 def checkpoint_dir(stored_model: Any) -> Path:

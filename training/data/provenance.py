@@ -30,7 +30,9 @@ def recorded_tasks(
     Returns ``(tasks by name, reasons by name for tasks whose data is unavailable)``. A task from
     a file is only used if the file still has the recorded sha256.
     """
-    sources: dict[str, dict[str, Any]] = model.meta.get("task_sources", {})
+    sources = model.meta.get("task_sources", {})
+    if not isinstance(sources, dict):  # a hand-edited manifest: report, never crash
+        sources = {}
     names = model.task_names if names is None else names
     found: dict[str, TaskData] = {}
     missing: dict[str, str] = {}
