@@ -305,8 +305,6 @@ class TaskGraph:
         example += [torch.rand(s, generator=g) + 0.5 for s in twin.buffer_shapes.values()]
         x = torch.rand(TRACE_BATCH, *cfg.input_shape, generator=g)
         columns = torch.arange(cfg.num_classes)
-        batch = torch.export.Dim(BATCH_DIM)
-        dyn = {"x": {0: batch}, "columns": None, "tensors": tuple(None for _ in example)}
         names = [*twin.param_shapes, *twin.buffer_shapes]
         reserved = {INPUT_NAME, OUTPUT_NAME, COLUMNS_NAME}
         if reserved & set(names):
@@ -319,6 +317,9 @@ class TaskGraph:
             if check:
                 graph._check_mapping(twin, example, x)
             return graph
+        # (torch.export.Dim imports the exporter's symbolic-shape machinery: tracing only)
+        dyn = {"x": {0: torch.export.Dim(BATCH_DIM)}, "columns": None,
+               "tensors": tuple(None for _ in example)}
         proto = trace_to_onnx(_BakedTarget(twin), (x, columns, tuple(example)), dyn,
                         [INPUT_NAME, COLUMNS_NAME, *names], opset)
 
