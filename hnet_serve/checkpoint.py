@@ -155,6 +155,7 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    model.checkpoint_dir = Path(path).absolute()
     return manifest["content_hash"]
 
 
@@ -300,6 +301,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
         }
     if map_location != "cpu":
         hn.to(map_location)
+    model.checkpoint_dir = Path(path).absolute()
     return model
 
 

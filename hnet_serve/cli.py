@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except HNetError as exc:
         print(f"hnet-serve {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(args, "json", False) and not getattr(exc, "json_printed", False):
+            # A script reading stdout gets an answer it can parse, not an empty string.
+            print_json({"error": str(exc), "type": type(exc).__name__})
         return 1
     except KeyboardInterrupt:
         print(f"hnet-serve {args.command}: interrupted", file=sys.stderr)

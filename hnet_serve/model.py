@@ -7,6 +7,7 @@ task appends an embedding row, a registry entry and fresh per-task buffers toget
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,9 @@ class HNetModel:
         self.task_buffers: dict[str, dict[str, torch.Tensor]] = {}
         # Free-form provenance saved with the checkpoint: benchmark, data source, seed, configs.
         self.meta: dict[str, Any] = dict(meta or {})
+        # The directory this model was loaded from or last saved to (not saved itself): recorded
+        # data files are found relative to it.
+        self.checkpoint_dir: Path | None = None
 
     # -- tasks ------------------------------------------------------------------------------
     def add_task(

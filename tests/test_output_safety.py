@@ -221,7 +221,10 @@ def test_eval_with_task_sources_not_a_mapping_is_a_clean_answer(capsys, tmp_path
     rewrite_manifest(ck, lambda m: m["meta"].update(task_sources="oops", results="oops"))
     code = main(["eval", str(ck), "--report-dir", str(tmp_path / "rep")])
     out, err = capsys.readouterr()
-    assert code == 0 and "Traceback" not in err, err
+    # A clean answer (issue 16: eval fails when a task's data cannot be found): the report
+    # names both tasks, then one line on stderr and status 1, never a traceback.
+    assert code == 1 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "no test data for 2 task(s)" in err
     assert out.count("not evaluated: no data source recorded") == 2
 
 

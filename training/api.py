@@ -33,7 +33,7 @@ from hnet_serve.targets import TargetSpec
 from hnet_serve.training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT
 from hnet_serve.training.config import TrainConfig, build_config
 from hnet_serve.training.data import TaskData, build_benchmark, load_task_file
-from hnet_serve.training.data.provenance import recorded_tasks
+from hnet_serve.training.data.provenance import recorded_tasks, relocate_sources
 from hnet_serve.training.evaluate import (
     accuracy,
     evaluate_model,
@@ -74,6 +74,7 @@ def load_benchmark(config: TrainConfig) -> list[TaskData]:
     return build_benchmark(
         config.benchmark, config.dataset, config.tasks, config.seed, config.data_dir,
         pad=config.pad, first_identity=config.first_identity, data_files=config.data_files,
+        data_names=config.data_names,
     )
 
 
@@ -103,8 +104,12 @@ def train_tasks(
             benchmark=config.benchmark, dataset=config.dataset, data_dir=config.data_dir,
             seed=config.seed, tasks=len(tasks), method=config.method,
             train_config=config.model_dump(mode="json"),
-            task_sources={t.name: t.source for t in tasks},
         )
+        if out_path is not None:
+            model.meta["task_sources"] = relocate_sources(
+                {t.name: t.source for t in tasks}, None, out_path)
+        else:
+            model.meta["task_sources"] = {t.name: t.source for t in tasks}
 
     def on_task_end(i: int, task: TaskData, result: TrainResult) -> None:
         if not isinstance(model, HNetModel):
@@ -332,7 +337,8 @@ def add_task(
     for key, kind in (("task_sources", dict), ("history", list)):
         if not isinstance(model.meta.get(key), kind):  # absent, or hand-edited to another type
             model.meta[key] = kind()
-    model.meta["task_sources"][task.name] = task.source
+    model.meta["task_sources"] = relocate_sources(
+        {**model.meta["task_sources"], task.name: task.source}, model.checkpoint_dir, out_path)
     model.meta["history"].append({
         "added_task": task.name,
         "parent_checkpoint": parent_hash,
@@ -382,8 +388,10 @@ def evaluate_checkpoint(
     tasks: list[TaskData] | None = None,
     batch_size: int = 1000,
     report_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of every task of a checkpoint on its recorded test data (or on ``tasks``).
+    """Accuracy of every task of a checkpoint on its recorded test data (or on ``tasks``);
+    ``data_dir``: where recorded data files are looked for when they moved.
 
     Returns ``{"mean_accuracy", "accuracy": {task: acc}, "missing": {task: reason}, ...}``;
     with the training-time accuracy matrix in the checkpoint also ``bwt`` (now vs. just after
@@ -393,7 +401,7 @@ def evaluate_checkpoint(
         check_report_dir(report_dir, checkpoint)
     model = load_checkpoint(checkpoint)
     if tasks is None:
-        found, missing = recorded_tasks(model)
+        found, missing = recorded_tasks(model, data_dir=data_dir)
     else:
         found = {t.name: t for t in tasks if t.name in model.registry}
         missing = {n: "not in the given data" for n in model.task_names if n not in found}

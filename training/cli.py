@@ -125,6 +125,24 @@ def _pct(v: float | None) -> str:
 
 
 # -- train ----------------------------------------------------------------------------------
+def _data_args(values: list[str]) -> tuple[list[str], list[str]]:
+    """``--data FILE`` or ``--data NAME=FILE`` (repeated) -> (absolute files, names or [])."""
+    from hnet_serve.registry import validate_task_name
+
+    files, names = [], []
+    for value in values:
+        name, sep, file = value.partition("=")
+        if not sep or Path(value).exists():  # a file whose name holds "=" stays a file
+            name, file = "", value
+        elif not name:
+            raise ConfigError(f"--data {value!r}: the task name before '=' is empty")
+        files.append(str(Path(file).absolute()))
+        names.append(validate_task_name(name) if name else "")
+    if any(names) and not all(names):
+        raise ConfigError("--data: name every task (NAME=FILE) or none of them")
+    return files, names if any(names) else []
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from hnet_serve.console import print_json
     from hnet_serve.training.api import (
@@ -144,12 +162,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "kind": args.hnet_kind, "hidden": args.hnet_hidden, "chunk_size": args.chunk_size,
         "task_emb_dim": args.task_emb_dim, "chunk_emb_dim": args.chunk_emb_dim,
     }.items() if v is not None}
+    files, names = _data_args(args.data)
     config = build_config(
         args.config, benchmark=args.benchmark, dataset=args.dataset, tasks=args.tasks,
-        data_dir=args.data_dir, data_files=[str(Path(f).absolute()) for f in args.data] or None,
+        data_dir=args.data_dir, data_files=files or None, data_names=names or None,
         pad=args.pad, first_identity=args.first_identity, multi_head=args.multi_head,
         method=args.method, target=target, hypernet=hnet, **_training_overrides(args),
     )
+    if config.benchmark == "custom" and args.tasks is not None:
+        raise ConfigError("--tasks does not apply to --benchmark custom: it trains one task per "
+                          "--data file")
     options = _method_options(args, config.method)
     if options:  # flags override the config file's method_options, key by key
         config = config.model_copy(
@@ -219,7 +241,8 @@ def _cmd_add_task(args: argparse.Namespace) -> int:
     except ForgettingError as exc:
         refused = getattr(exc, "report", None)
         if args.json and refused is not None:
-            print_json(refused.to_dict())
+            print_json({**refused.to_dict(), "error": str(exc), "type": type(exc).__name__})
+            exc.json_printed = True  # type: ignore[attr-defined]
         raise
     if args.json:
         print_json(report.to_dict())
@@ -248,11 +271,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     tasks = None
-    if args.data:
-        if not args.task:
-            raise ConfigError("--data needs --task NAME (the checkpoint task it holds)")
-        tasks = [load_task_file(args.data, args.task)]
-    elif args.benchmark or args.dataset or args.data_dir:
+    if args.data or args.task:
+        if len(args.data) != len(args.task):
+            raise ConfigError(
+                f"--data and --task go in pairs (--data FILE --task NAME, repeated): got "
+                f"{len(args.data)} --data and {len(args.task)} --task")
+        tasks = [load_task_file(f, t) for f, t in zip(args.data, args.task, strict=True)]
+    elif args.benchmark or args.dataset:
         meta = read_manifest(args.checkpoint).get("meta", {})
         spec = dict(meta.get("train_config") or {})
         tasks = build_benchmark(
@@ -264,16 +289,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             pad=spec.get("pad", False), first_identity=spec.get("first_identity", True),
         )
     report = evaluate_checkpoint(args.checkpoint, tasks=tasks, batch_size=args.batch_size,
-                                 report_dir=args.report_dir)
+                                 report_dir=args.report_dir, data_dir=args.data_dir)
     if args.json:
         print_json(report)
-        return 0
-    print(f"checkpoint {args.checkpoint}")
-    for name, acc in report["accuracy"].items():
-        print(f"  {name:<28} {_pct(acc)}")
-    for name, why in report["missing"].items():
-        print(f"  {name:<28} not evaluated: {why}")
-    print(f"mean accuracy {_pct(report['mean_accuracy'])}")
+    else:
+        print(f"checkpoint {args.checkpoint}")
+        for name, acc in report["accuracy"].items():
+            print(f"  {name:<28} {_pct(acc)}")
+        for name, why in report["missing"].items():
+            print(f"  {name:<28} not evaluated: {why}")
+        print(f"mean accuracy {_pct(report['mean_accuracy'])}")
+    # Named data evaluates the tasks it names; otherwise every task must have its data.
+    if report["missing"] and tasks is None:
+        first, why = next(iter(report["missing"].items()))
+        print(f"hnet-serve eval: error: no test data for {len(report['missing'])} task(s) "
+              f"(first {first!r}: {why})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -289,8 +320,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True,
                    help="checkpoint directory to write (baselines write only OUT-report)")
     p.add_argument("--data-dir", help="IDX directory (idx-dir, fashion-mnist) or CIFAR binaries")
-    p.add_argument("--data", action="append", default=[], metavar="FILE",
-                   help="custom benchmark: one task per .npz/.npy/.csv file (repeat)")
+    p.add_argument("--data", action="append", default=[], metavar="[NAME=]FILE",
+                   help="custom benchmark: one task per .npz/.npy/.csv file (repeat); NAME=FILE "
+                        "names the task (default: the file name)")
     _bool_flag(p, "pad", "pad 28x28 images to 32x32 (permuted-mnist, as in the paper)")
     _bool_flag(p, "first-identity", "first permuted task is the unpermuted data")
     _bool_flag(p, "multi-head", "one output head per task")
@@ -345,11 +377,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--benchmark", choices=BENCHMARK_CHOICES)
     p.add_argument("--dataset", choices=DATASET_CHOICES)
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir",
+                   help="where to look for the recorded data when it moved: task files by their "
+                        "path relative to DIR or their name; a benchmark's IDX/CIFAR directory")
     p.add_argument("--tasks", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--data", metavar="FILE", help="test data for one task (with --task)")
-    p.add_argument("--task", help="the checkpoint task that --data belongs to")
+    p.add_argument("--data", metavar="FILE", action="append", default=[],
+                   help="test data for one task, with --task (repeat the pair for more tasks)")
+    p.add_argument("--task", action="append", default=[],
+                   help="the checkpoint task that the --data before it belongs to")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--report-dir", help="write eval.json and the PNGs here")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")

@@ -36,6 +36,8 @@ class TrainConfig(BaseModel):
     dataset: Dataset = "mnist5k"
     data_dir: str | None = None
     data_files: list[str] = Field(default_factory=list)
+    # Task names for data_files (custom benchmark), in the same order; empty: from file names.
+    data_names: list[str] = Field(default_factory=list)
     tasks: int | None = Field(default=None, gt=0, le=10_000)
     pad: bool = False  # pad 28x28 images to 32x32 (the paper's PermutedMNIST)
     first_identity: bool = True  # first permuted task is plain MNIST

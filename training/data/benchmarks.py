@@ -90,6 +90,7 @@ def build_benchmark(
     pad: bool = False,
     first_identity: bool = True,
     data_files: list[str] | None = None,
+    data_names: list[str] | None = None,
 ) -> list[TaskData]:
     """The tasks of a benchmark, deterministically from ``seed``.
 
@@ -97,11 +98,13 @@ def build_benchmark(
     * ``split-mnist``: 5 tasks of 2 classes (0/1, 2/3, ...), labels local to the task;
     * ``split-cifar``: CIFAR-10, then 5 x 10 CIFAR-100 classes (``data_dir`` holds both binary
       distributions);
-    * ``custom``: one task per file in ``data_files`` (.npz/.npy/.csv).
+    * ``custom``: one task per file in ``data_files`` (.npz/.npy/.csv), named by ``data_names``
+      (default: the file names).
     """
     if tasks is not None and tasks <= 0:
         raise DataError(f"tasks must be positive, got {tasks}")
-    out = _build(name, dataset, tasks, seed, data_dir, pad, first_identity, data_files)
+    out = _build(name, dataset, tasks, seed, data_dir, pad, first_identity, data_files,
+                 data_names)
     spec = {
         "kind": "benchmark", "benchmark": name, "dataset": dataset, "seed": seed,
         "data_dir": str(Path(data_dir).absolute()) if data_dir else None,
@@ -116,6 +119,7 @@ def build_benchmark(
 def _build(
     name: str, dataset: str, tasks: int | None, seed: int, data_dir: str | os.PathLike | None,
     pad: bool, first_identity: bool, data_files: list[str] | None,
+    data_names: list[str] | None = None,
 ) -> list[TaskData]:
     if name == "permuted-mnist":
         src = load_source(dataset, data_dir)
@@ -143,10 +147,14 @@ def _build(
     if name == "custom":
         if not data_files:
             raise DataError("the custom benchmark needs data files (--data FILE ...)")
-        out = [load_task_file(f, seed=seed) for f in data_files]
+        given = list(data_names or []) or [""] * len(data_files)
+        if len(given) != len(data_files):
+            raise DataError(f"{len(given)} task names for {len(data_files)} data files")
+        out = [load_task_file(f, n or None, seed=seed) for f, n in zip(data_files, given)]
         names = [t.name for t in out]
         if len(set(names)) != len(names):
-            raise DataError(f"custom task names (from file names) must be unique: {names}")
+            raise DataError(f"custom task names must be unique (name them with --data "
+                            f"NAME=FILE): {names}")
         return out
     raise DataError(f"unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})")
 
