@@ -118,6 +118,8 @@ class Runtime:
             pinned=self.config.pinned,
         )
         self._input_shape = tuple(model.target_config.input_shape)
+        # read for every request body's bounds (http.BodyBounds): once, not per request
+        self._input_shapes = list(dict.fromkeys(tuple(t.input_shape) for t in model.registry))
         self._input_size = math.prod(self._input_shape)
         self._step_tasks = max(1, STEP_BYTES // max(1, nbytes_estimate(model)))
         start = list(dict.fromkeys([*self.config.pinned, *self.config.warm]))
@@ -137,7 +139,7 @@ class Runtime:
 
     def input_shapes(self) -> list[tuple[int, ...]]:
         """The distinct input shapes of the tasks (what a request's rows may be shaped as)."""
-        return list(dict.fromkeys(tuple(t.input_shape) for t in self.model.registry))
+        return list(self._input_shapes)
 
     def task(self, name: str) -> TaskInfo:
         """The task's registry entry; :class:`UnknownTaskError` naming it if there is none."""
