@@ -32,10 +32,12 @@ fashion-mnist:
 bench: $(STAMP) fashion-mnist
 	$(BIN)/python -m benchmarks.run_all
 
-## Long reliability runs (issue 7; the fast cases are in `make test`): the 60 s load test.
+## Long reliability runs (issues 7 and 14; the fast cases are in `make test`): the 60 s load
+## test and the 60 s hostile-client run.
 .PHONY: reliability
 reliability: $(STAMP)
 	$(BIN)/python -m benchmarks.load_test
+	$(BIN)/python -m benchmarks.hostile_clients
 
 clean:
 	rm -rf $(VENV) build *.egg-info

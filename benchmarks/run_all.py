@@ -29,6 +29,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
     ("cl3-grid", "benchmarks.bench_cl3_grid", []),
     ("repro-long", "benchmarks.bench_repro_long", []),
     ("load-test", "benchmarks.load_test", []),
+    ("hostile-clients", "benchmarks.hostile_clients", []),
 ]
 
 

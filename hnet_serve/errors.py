@@ -26,8 +26,18 @@ class ConfigError(HNetError, ValueError):
     http_status = 400
 
 
+# A name the registry does not hold can be anything a client sent (a 10 MB string): messages
+# show at most this many characters of it. Valid names have at most 64 (registry.py).
+SHOWN_NAME_CHARS = 64
+
+
+def shorten(text: str, limit: int = SHOWN_NAME_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with ``…`` where it was cut."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class UnknownTaskError(HNetError, KeyError):
-    """A task name that the registry does not hold."""
+    """A task name that the registry does not hold (shown cut to 64 characters)."""
 
     http_status = 404
 
@@ -35,7 +45,8 @@ class UnknownTaskError(HNetError, KeyError):
         self.name = name
         self.known = list(known or [])
         shown = ", ".join(self.known[:10]) + (" ..." if len(self.known) > 10 else "")
-        msg = f"unknown task {name!r}" + (f" (known tasks: {shown})" if self.known else "")
+        msg = f"unknown task {shorten(name)!r}" + (
+            f" (known tasks: {shown})" if self.known else "")
         super().__init__(msg)
 
     def __str__(self) -> str:  # KeyError would repr() the message

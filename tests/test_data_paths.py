@@ -49,7 +49,7 @@ def test_a_project_moved_as_a_whole_still_evaluates(capsys, project, tmp_path):
 
 def test_moved_data_fails_loudly_then_is_found_with_data_dir(capsys, project, tmp_path):
     shutil.move(project / "data", tmp_path / "archive")
-    code, out, err = run(capsys, "eval", project / "ckpt")
+    code, _, err = run(capsys, "eval", project / "ckpt")
     assert code == 1
     assert "no test data for 2 task(s)" in err and "--data-dir" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

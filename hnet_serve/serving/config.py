@@ -19,6 +19,12 @@ from hnet_serve.configs import read_mapping_file, validate
 from hnet_serve.errors import ConfigError
 
 MiB = 1024 * 1024
+# Task inference compares the entropies of float32 softmax(logits / T). Below T_MIN the softmax of
+# typical logits (gaps of a few units) underflows to one-hot under every task, so every entropy is
+# 0 and the tie sends every row to the first task; above T_MAX every softmax is uniform to float32
+# precision (the same tie). Outside the range (inf, 1e308, 1e-45, ...) is refused.
+TEMPERATURE_MIN = 0.01
+TEMPERATURE_MAX = 100.0
 ENV_PREFIX = "HNET_"
 CONFIG_ENV = "HNET_CONFIG"
 
@@ -58,14 +64,16 @@ class ServingConfig(BaseModel):
     max_rows: int = Field(default=4096, gt=0)
     max_request_bytes: int = Field(default=64 * MiB, gt=0)
     intra_op_threads: int | None = Field(default=None, gt=0)
-    temperature: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=1.0, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX,
+                               allow_inf_nan=False)
+    exclude_from_inference: list[str] = Field(default_factory=list)
 
     @field_validator("cache_bytes", "max_request_bytes", mode="before")
     @classmethod
     def _sizes(cls, v: object) -> int:
         return parse_bytes(v)
 
-    @field_validator("pinned", "warm", mode="before")
+    @field_validator("pinned", "warm", "exclude_from_inference", mode="before")
     @classmethod
     def _names(cls, v: object) -> object:
         if isinstance(v, str):

@@ -12,6 +12,7 @@ The service (``service.py``) and batch scoring are thin layers over this module.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -64,6 +65,25 @@ class Prediction:
         return body
 
 
+def _refuse_booleans(inputs: Any, arr: np.ndarray) -> None:
+    """:class:`InputError` if the nested lists ``inputs`` hold a boolean anywhere.
+
+    numpy turns ``[true, 0.5]`` into ``[1.0, 0.5]``: a boolean mixed with numbers would be
+    served as a number. Only rows holding an exact 0 or 1 can hide one, so only they are walked
+    in Python (a 4096 x 784 request of such rows: about 0.1 s, the cost of np.asarray).
+    """
+    if not isinstance(inputs, list):
+        return  # an array: numpy already gave the booleans away in its dtype
+    flat = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(-1, 1)
+    suspects = np.flatnonzero(((flat == 0) | (flat == 1)).any(axis=1))
+    for i in suspects.tolist():
+        level = [inputs[i]]
+        for _ in range(arr.ndim - 1):
+            level = list(itertools.chain.from_iterable(level))
+        if bool in set(map(type, level)):
+            raise InputError(f"inputs must be numbers, got a boolean in row {i}")
+
+
 # -- the runtime --------------------------------------------------------------------------
 class Runtime:
     """Routes rows to tasks and runs them through a cached backend; thread-safe."""
@@ -73,13 +93,21 @@ class Runtime:
         self.config = config or ServingConfig()
         if len(model.registry) == 0:
             raise ConfigError("the checkpoint holds no tasks to serve")
-        for field in ("pinned", "warm"):
+        for field in ("pinned", "warm", "exclude_from_inference"):
             unknown = [n for n in getattr(self.config, field) if n not in model.registry]
             if unknown:
                 raise ConfigError(
                     f"serving config: {field} names unknown tasks {unknown} "
                     f"(known: {model.registry.names[:10]})"
                 )
+        excluded = set(self.config.exclude_from_inference)
+        # The tasks task inference chooses among; excluded ones are still served by name.
+        self.inference_tasks = [n for n in model.registry.names if n not in excluded]
+        if not self.inference_tasks:
+            raise ConfigError(
+                "serving config: exclude_from_inference names every task: task inference "
+                "would have no candidate"
+            )
         threads = self.config.intra_op_threads
         if threads:
             torch.set_num_threads(threads)
@@ -91,6 +119,8 @@ class Runtime:
             pinned=self.config.pinned,
         )
         self._input_shape = tuple(model.target_config.input_shape)
+        # read for every request body's bounds (http.BodyBounds): once, not per request
+        self._input_shapes = list(dict.fromkeys(tuple(t.input_shape) for t in model.registry))
         self._input_size = math.prod(self._input_shape)
         self._step_tasks = max(1, STEP_BYTES // max(1, nbytes_estimate(model)))
         start = list(dict.fromkeys([*self.config.pinned, *self.config.warm]))
@@ -108,16 +138,20 @@ class Runtime:
     def task_names(self) -> list[str]:
         return self.model.registry.names
 
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        """The distinct input shapes of the tasks (what a request's rows may be shaped as)."""
+        return list(self._input_shapes)
+
     def task(self, name: str) -> TaskInfo:
         """The task's registry entry; :class:`UnknownTaskError` naming it if there is none."""
         return self.model.registry.get(name)
 
     def output_classes(self, task: str | None) -> int:
         """Columns of ``probabilities`` for a request: the task's classes, or with task
-        inference the most classes of any task (every task is a candidate)."""
+        inference the most classes of any candidate task (``inference_tasks``)."""
         if task is not None:
             return self.task(task).num_classes
-        return max(t.num_classes for t in self.model.registry)
+        return max(self.task(t).num_classes for t in self.inference_tasks)
 
     # -- inputs ------------------------------------------------------------------------------
     def validate_inputs(self, inputs: Any, task: str | None = None) -> np.ndarray:
@@ -144,6 +178,8 @@ class Runtime:
                 raise ragged
             if arr.dtype.kind not in "iuf":
                 raise InputError(f"inputs must be numbers, got {arr.dtype.name} values")
+            if arr.ndim > 0:
+                _refuse_booleans(inputs, arr)
         if arr.ndim == 0 or arr.shape[0] == 0:
             raise InputError("inputs must hold at least one row")
         n = arr.shape[0]
@@ -234,7 +270,7 @@ class Runtime:
 
     def _infer(self, x: np.ndarray) -> Prediction:
         """HNET+ENT over every task, with the candidates' weights/sessions from the cache."""
-        names = self.task_names
+        names = self.inference_tasks
         infos = [self.task(t) for t in names]
         logits = self._logits(names, [Group(i, x) for i in infos])
         choice = select_by_entropy(logits, self.config.temperature)

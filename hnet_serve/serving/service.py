@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections import Counter
 from typing import Annotated, Any
@@ -42,12 +43,13 @@ from hnet_serve.errors import HNetError
 from hnet_serve.serving.batching import AdaptiveBatcher
 from hnet_serve.serving.config import ServingConfig
 from hnet_serve.serving.http import (
-    BodyLimitMiddleware,
     JsonBodyMiddleware,
     OpenAPIMiddleware,
+    RequestBodyMiddleware,
     error_response,
+    install_client_error_log_filter,
 )
-from hnet_serve.serving.metrics import metrics_text
+from hnet_serve.serving.metrics import install_route_labels, metrics_text
 from hnet_serve.serving.runtime import Runtime
 
 # Under "bentoml" so that `bentoml serve`'s logging setup formats and shows these lines.
@@ -134,9 +136,12 @@ class HNetService:
     def __is_ready__(self) -> bool:
         return self.runtime is not None
 
-    def _not_ready(self) -> JSONResponse:
+    def not_ready_response(self) -> JSONResponse:
+        """The 503 of every route while not ready; the reason without the server's paths (the
+        log line has them)."""
         if self.load_error:
-            return error_response(503, f"checkpoint failed to load: {self.load_error}", "NotReady")
+            reason = redact_paths(self.load_error, [self.checkpoint_path])
+            return error_response(503, f"checkpoint failed to load: {reason}", "NotReady")
         return error_response(503, "the checkpoint is still loading", "NotReady")
 
     # -- routes ----------------------------------------------------------------------------
@@ -153,7 +158,7 @@ class HNetService:
         """Predict ``inputs`` under ``task``; without a task, infer it per row (HNET+ENT)."""
         runtime, batcher = self.runtime, self.batcher
         if runtime is None or batcher is None:
-            return self._not_ready()  # type: ignore[return-value]
+            return self.not_ready_response()  # type: ignore[return-value]
         try:
             x = runtime.validate_inputs(inputs, task)
             pred = await batcher.predict(task, x)
@@ -165,7 +170,7 @@ class HNetService:
 
     def tasks_response(self) -> JSONResponse:
         if self.runtime is None:
-            return self._not_ready()
+            return self.not_ready_response()
         return JSONResponse(self.runtime.info())
 
     def __metrics__(self, content: str) -> str:
@@ -182,7 +187,23 @@ class HNetService:
             self.batcher.close()
 
 
-HNetService.add_asgi_middleware(BodyLimitMiddleware)
+def redact_paths(message: str, known: list[str | None]) -> str:
+    """``message`` with the checkpoint's directory shown as ``<checkpoint>`` and any other
+    absolute path as ``<path>``: a client need not learn where the server keeps its files."""
+    for path in known:
+        if path:
+            for spelling in dict.fromkeys([str(path), os.path.realpath(path)]):
+                message = message.replace(spelling.rstrip("/"), "<checkpoint>")
+    return _ABSOLUTE_PATH.sub("<path>", message)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.<>])/[^\s'\":,)]+")
+
+# BentoML's request metrics labelled by route template, its API handler's log of client
+# mistakes one INFO line (docs/reliability.md); both before `bentoml serve` builds the app.
+install_route_labels()
+install_client_error_log_filter()
+HNetService.add_asgi_middleware(RequestBodyMiddleware)
 HNetService.add_asgi_middleware(JsonBodyMiddleware)
 HNetService.add_asgi_middleware(OpenAPIMiddleware, service=HNetService)
 
