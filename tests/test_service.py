@@ -230,3 +230,23 @@ def test_serve_command_refuses_a_bad_checkpoint(model_store, tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing"), "--port", "8124"]) == 1
     assert "does not exist" in capsys.readouterr().err
 
+
+
+def test_batched_requests_are_not_validated_a_second_time(checkpoint, monkeypatch):
+    """The service validates a request once (before queueing it); the batcher hands the
+    validated rows to the runtime, which must not check them again."""
+    rt = Runtime.from_checkpoint(checkpoint)
+    batcher = AdaptiveBatcher(rt)
+    x = rt.validate_inputs(np.ones((2, 12), np.float32), "task-0")
+    want = rt.predict("task-0", x)
+    calls = []
+    monkeypatch.setattr(rt, "validate_inputs", lambda *a, **k: calls.append(a))
+
+    async def run_all():
+        return await asyncio.gather(batcher.predict("task-0", x), batcher.predict(None, x),
+                                    batcher.predict("binary", x))
+
+    got = asyncio.run(run_all())
+    assert calls == []
+    np.testing.assert_allclose(got[0].probabilities, want.probabilities, atol=1e-6)
+    batcher.close()

@@ -107,14 +107,15 @@ class AdaptiveBatcher:
             return [self._execute_one(batch[0])]
         tasks = [p.task for p in batch for _ in range(p.x.shape[0])]
         try:
-            mixed = self.runtime.predict_mixed(tasks, np.concatenate([p.x for p in batch]))
+            mixed = self.runtime.predict_mixed(tasks, np.concatenate([p.x for p in batch]),
+                                               validated=True)
         except Exception:  # noqa: BLE001 - one failing request must not fail the whole batch
             return [self._execute_one(p) for p in batch]
         return split_prediction(self.runtime, mixed, batch)
 
     def _execute_one(self, p: _Pending) -> Prediction | Exception:
         try:
-            return self.runtime.predict(p.task, p.x)
+            return self.runtime.predict(p.task, p.x, validated=True)
         except Exception as exc:  # noqa: BLE001 - handed to this request only
             return exc
 

@@ -199,24 +199,28 @@ class Runtime:
         return arr
 
     # -- prediction --------------------------------------------------------------------------
-    def predict(self, task: str | None, inputs: Any) -> Prediction:
-        """Predict every row under ``task``, or infer the task per row when ``task`` is None."""
+    def predict(self, task: str | None, inputs: Any, *, validated: bool = False) -> Prediction:
+        """Predict every row under ``task``, or infer the task per row when ``task`` is None.
+
+        ``validated``: ``inputs`` is what :meth:`validate_inputs` returned for this task (the
+        service validates before queueing a request; the rows are not checked twice)."""
         if task is None:
-            return self._infer(self.validate_inputs(inputs))
+            return self._infer(inputs if validated else self.validate_inputs(inputs))
         info = self.task(task)
-        x = self.validate_inputs(inputs, task)
+        x = inputs if validated else self.validate_inputs(inputs, task)
         entry = self.cache.get(task)
         (logits,) = self.backend.logits([entry], [Group(info, x)])
         probs = softmax(logits)
         return Prediction([task] * x.shape[0], probs.argmax(1), probs, inferred=False)
 
-    def predict_mixed(self, tasks: Sequence[str | None], inputs: Any) -> Prediction:
+    def predict_mixed(self, tasks: Sequence[str | None], inputs: Any, *,
+                      validated: bool = False) -> Prediction:
         """Row ``i`` under ``tasks[i]`` (None: inferred); rows are grouped by task.
 
         ``inferred`` is True when any row's task was inferred; ``confidence`` is then set for
-        those rows and NaN for rows whose task was given.
+        those rows and NaN for rows whose task was given. ``validated`` as in :meth:`predict`.
         """
-        x = self.validate_inputs(inputs)
+        x = inputs if validated else self.validate_inputs(inputs)
         n = x.shape[0]
         if len(tasks) != n:
             raise InputError(f"{len(tasks)} task names for {n} rows")

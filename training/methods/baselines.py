@@ -88,6 +88,8 @@ class NetworkMethod(ContinualMethod):
     name = "finetune"
     #: when True, :meth:`observe_step` receives each step's task-loss gradients and updates
     track_path = False
+    #: True where every network answers one task only (then one output head is enough)
+    one_task_per_network = False
 
     def __init__(
         self,
@@ -95,6 +97,8 @@ class NetworkMethod(ContinualMethod):
         config: TrainConfig,
         options: BaselineOptions | None = None,
     ) -> None:
+        if self.one_task_per_network:
+            target_config = target_config.model_copy(update={"num_heads": 1})
         self.target_config = target_config
         self.config = config
         self.options = BaselineOptions.build(options)
@@ -233,15 +237,7 @@ class IndependentMethod(NetworkMethod):
     """A fresh network per task: no interference, and T networks to store."""
 
     name = "independent"
-
-    def __init__(
-        self,
-        target_config: MLPConfig | ResNetConfig,
-        config: TrainConfig,
-        options: BaselineOptions | None = None,
-    ) -> None:
-        # Each network answers one task: one head is enough.
-        super().__init__(target_config.model_copy(update={"num_heads": 1}), config, options)
+    one_task_per_network = True
 
     def begin_task(self, index: int, task: TaskData) -> None:
         self.net = None  # the base class builds a new one
