@@ -262,9 +262,13 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     npz("missing-keys", a=x)
     npz("nan", x_train=x + np.nan, y_train=y, x_test=x, y_test=y)
     npz("float-labels", x_train=x, y_train=y + 0.5, x_test=x, y_test=y)
-    npz("negative-labels", x_train=x, y_train=-y, x_test=x, y_test=y)
+    # Labels may be any integers (they become classes in sorted order); with label_names they
+    # are indices into it, so a negative or an out-of-range index is an error.
+    names = np.array(["a", "b", "c"])
+    npz("negative-labels", x_train=x, y_train=-y, x_test=x, y_test=y, label_names=names)
     npz("huge-label", x_train=x, y_train=y * 10**12, x_test=x, y_test=y)
-    npz("too-many-classes", x_train=x, y_train=y * 10**6, x_test=x, y_test=y)
+    npz("too-many-classes", x_train=x, y_train=y * 10**6, x_test=x, y_test=y,
+        label_names=names)
     npz("length-mismatch", x_train=x, y_train=y[:3], x_test=x, y_test=y)
     npz("shape-mismatch", x_train=x, y_train=y, x_test=x[:, :2], y_test=y)
     npz("empty", x_train=x[:0], y_train=y[:0], x_test=x, y_test=y)

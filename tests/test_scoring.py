@@ -178,7 +178,7 @@ def test_empty_input_gives_empty_output_with_columns(tmp_path, rt):
                         progress=False)
     table = pq.read_table(tmp_path / "o.parquet")
     assert report.rows_read == 0 and table.num_rows == 0
-    assert table.column_names == ["task", "prediction"]
+    assert table.column_names == ["task", "prediction", "label"]
 
 
 def test_chunks_larger_than_the_runtime_row_limit_are_sliced(tmp_path, ckpt, rt, x):
@@ -381,7 +381,7 @@ def test_score_batch_accepts_numpy_pandas_arrow_dicts_and_lists(rt, x):
         np.testing.assert_array_equal(scored.predictions, ref.predictions, err_msg=name)
         np.testing.assert_array_equal(scored.rows, np.arange(len(x)))
     table = score_batch(rt, x[:5], task="task-2", probabilities=True).to_arrow()
-    assert table.column_names == ["task", "prediction", "probabilities"]
+    assert table.column_names == ["task", "prediction", "label", "probabilities"]
 
 
 def test_score_batch_task_column_and_rejects(rt, x):

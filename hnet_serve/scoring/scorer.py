@@ -133,6 +133,9 @@ class Scorer:
             task_names=names,
             num_probabilities=classes if config.probabilities else None,
             row_numbers=config.row_numbers,
+            class_names=[runtime.labels_of([n] * runtime.task(n).num_classes,
+                                           np.arange(runtime.task(n).num_classes))
+                         for n in names],
         )
         self._index = {n: i for i, n in enumerate(names)}
         # Rows per runtime call: about _SLICE_BYTES of features, so that a slice stays in cache

@@ -23,11 +23,24 @@ from hnet_serve.scoring.readers import OUTPUT_SUFFIXES, suffix_of
 # -- writers ------------------------------------------------------------------------------
 @dataclass
 class OutputSchema:
-    """What every output row holds: task, prediction, and optionally row number/probabilities."""
+    """What every output row holds: task, prediction, its class name (``label``), and
+    optionally row number/probabilities."""
 
     task_names: list[str]  # tasks are written by index into this list
     num_probabilities: int | None = None  # None: no probabilities column
     row_numbers: bool = False
+    # Class names per task (same order as task_names); None: the class index as text.
+    class_names: list[list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        names = self.class_names or [[] for _ in self.task_names]
+        # Every (task, class) name in one flat list: a row's label is entry
+        # label_offsets[task] + prediction, so labels are a dictionary column for free.
+        self.label_names = [n for task in names for n in task]
+        self.label_offsets = np.cumsum([0, *(len(t) for t in names[:-1])]).astype(np.int64)
+
+    def label_index(self, task_idx: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+        return self.label_offsets[task_idx] + predictions  # (m,) into label_names
 
 
 def score_columns(
@@ -39,7 +52,7 @@ def score_columns(
     *,
     csv: bool = False,
 ) -> dict[str, pa.Array]:
-    """The output columns as Arrow arrays: ``[row], task, prediction, [probabilities]``.
+    """The output columns as Arrow arrays: ``[row], task, prediction, label, [probabilities]``.
 
     ``task`` is dictionary-encoded (a few distinct names over many rows). A CSV cell holds one
     value, so for CSV ``task`` is plain strings and ``probabilities`` a JSON list per row.
@@ -52,6 +65,11 @@ def score_columns(
     )
     cols["task"] = tasks.dictionary_decode() if csv else tasks
     cols["prediction"] = pa.array(predictions, pa.int64())
+    labels = pa.DictionaryArray.from_arrays(
+        pa.array(schema.label_index(task_idx, predictions), pa.int32()),
+        pa.array(schema.label_names, pa.string()),
+    )
+    cols["label"] = labels.dictionary_decode() if csv else labels
     if schema.num_probabilities is not None:
         probs = np.ascontiguousarray(probabilities, dtype=np.float32).reshape(
             len(rows), schema.num_probabilities
@@ -196,7 +214,8 @@ class CsvScoreWriter(_ArrowScoreWriter):
 
 
 def npy_output_dtype(schema: OutputSchema) -> np.dtype:
-    """The structured record of a ``.npy`` output: ``[row], task, prediction, [probabilities]``."""
+    """The structured record of a ``.npy`` output: ``[row], task, prediction, [probabilities]``
+    (the documented layout: no ``label`` field; the task's ``label_names`` map predictions)."""
     fields: list[tuple] = []
     if schema.row_numbers:
         fields.append(("row", "<i8"))

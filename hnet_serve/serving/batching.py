@@ -161,6 +161,7 @@ def split_prediction(runtime: Runtime, mixed: Prediction, batch: list[_Pending])
                 mixed.probabilities[start:stop, :classes],
                 inferred=p.task is None,
                 confidence=mixed.confidence[start:stop] if p.task is None else None,
+                labels=mixed.labels[start:stop],
             )
         )
         start = stop

@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ class Prediction:
     probabilities: np.ndarray  # (N, C) float32, C = max classes of the tasks involved, 0-padded
     inferred: bool
     confidence: np.ndarray | None = None  # (N,) float32 when inferred
+    labels: list[str] = field(default_factory=list)  # (N,) the predicted class's name
 
     def to_json(self) -> dict[str, Any]:
         """The service's response body.
@@ -55,6 +56,7 @@ class Prediction:
         body: dict[str, Any] = {
             "task": self.tasks[0] if single else list(self.tasks),
             "predictions": self.predictions.tolist(),
+            "labels": list(self.labels),
             "probabilities": self.probabilities.tolist(),
         }
         if self.inferred:
@@ -93,11 +95,11 @@ class Runtime:
         self.config = config or ServingConfig()
         if len(model.registry) == 0:
             raise ConfigError("the checkpoint holds no tasks to serve")
-        for field in ("pinned", "warm", "exclude_from_inference"):
-            unknown = [n for n in getattr(self.config, field) if n not in model.registry]
+        for setting in ("pinned", "warm", "exclude_from_inference"):
+            unknown = [n for n in getattr(self.config, setting) if n not in model.registry]
             if unknown:
                 raise ConfigError(
-                    f"serving config: {field} names unknown tasks {unknown} "
+                    f"serving config: {setting} names unknown tasks {unknown} "
                     f"(known: {model.registry.names[:10]})"
                 )
         excluded = set(self.config.exclude_from_inference)
@@ -119,6 +121,9 @@ class Runtime:
             pinned=self.config.pinned,
         )
         self._input_shape = tuple(model.target_config.input_shape)
+        self._class_names = {
+            t.name: t.label_names or [str(i) for i in range(t.num_classes)] for t in model.registry
+        }
         # read for every request body's bounds (http.BodyBounds): once, not per request
         self._input_shapes = list(dict.fromkeys(tuple(t.input_shape) for t in model.registry))
         self._input_size = math.prod(self._input_shape)
@@ -211,7 +216,10 @@ class Runtime:
         entry = self.cache.get(task)
         (logits,) = self.backend.logits([entry], [Group(info, x)])
         probs = softmax(logits)
-        return Prediction([task] * x.shape[0], probs.argmax(1), probs, inferred=False)
+        preds = probs.argmax(1)
+        names = self._class_names[task]
+        return Prediction([task] * x.shape[0], preds, probs, inferred=False,
+                          labels=[names[p] for p in preds.tolist()])
 
     def predict_mixed(self, tasks: Sequence[str | None], inputs: Any, *,
                       validated: bool = False) -> Prediction:
@@ -258,8 +266,9 @@ class Runtime:
         for r, p in parts:
             probs[r, : p.shape[1]] = p
             preds[r] = p.argmax(1)
-        return Prediction(out_tasks.tolist(), preds, probs, inferred=conf is not None,
-                          confidence=conf)
+        tasks_out = out_tasks.tolist()
+        return Prediction(tasks_out, preds, probs, inferred=conf is not None, confidence=conf,
+                          labels=self.labels_of(tasks_out, preds))
 
     def _logits(self, names: list[str], groups: list[Group]) -> list[np.ndarray]:
         """Each group's logits under its task (``names`` unique), in steps of at most
@@ -284,13 +293,15 @@ class Runtime:
             rows = np.flatnonzero(choice.task_index == t)
             if rows.size:
                 probs[rows, : z.shape[1]] = softmax(z[rows])
-        return Prediction(
-            [names[t] for t in choice.task_index],
-            probs.argmax(1),
-            probs,
-            inferred=True,
-            confidence=choice.confidence,
-        )
+        tasks = [names[t] for t in choice.task_index]
+        preds = probs.argmax(1)
+        return Prediction(tasks, preds, probs, inferred=True, confidence=choice.confidence,
+                          labels=self.labels_of(tasks, preds))
+
+    def labels_of(self, tasks: Sequence[str], predictions: np.ndarray) -> list[str]:
+        """The name of each row's predicted class under its task (``"3"`` without names)."""
+        names = self._class_names
+        return [names[t][p] for t, p in zip(tasks, predictions.tolist(), strict=True)]
 
     def info(self) -> dict[str, Any]:
         """Tasks (with whether each is cached) and cache statistics, for ``GET /tasks``."""

@@ -178,44 +178,56 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A CSV of numbers, one row per example; the label is the column named ``label``
-    (when there is a header) or the last column."""
+    """A CSV, one row per example: numeric features and a label, the column named ``label``
+    (when there is a header) or the last column. Labels may be any text (class names) or
+    numbers; they come back as strings, for :func:`encode_labels`."""
     if path.stat().st_size > MAX_CSV_BYTES:
         raise DataError(
             f"{path}: CSV larger than {MAX_CSV_BYTES >> 20} MiB; convert it to .npy or .npz"
         )
     rows: list[list[float]] = []
+    labels: list[str] = []
+    header: list[str] | None = None
     label_col = -1
     width: int | None = None  # columns of the header or the first row
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            for i, row in enumerate(reader):
-                if not row:
+            for i, row in enumerate(csv.reader(f)):
+                if not row or not any(v.strip() for v in row):
                     continue
-                try:
-                    values = [float(v) for v in row]
-                except ValueError:
-                    if i == 0:
-                        header = [h.strip().lower() for h in row]
-                        label_col = header.index("label") if "label" in header else -1
-                        width = len(header)
+                if width is None:
+                    width = len(row)
+                    if "label" in (names := [h.strip().lower() for h in row]):
+                        header, label_col = names, names.index("label")
                         continue
-                    raise DataError(f"{path}: line {i + 1} holds a non-numeric value") from None
-                width = len(values) if width is None else width
-                if len(values) != width:
-                    raise DataError(
-                        f"{path}: line {i + 1} has {len(values)} columns, expected {width}"
-                    )
-                rows.append(values)
+                    if not _numeric(row[:-1]):  # a header without a "label" column
+                        header = names
+                        continue
+                if len(row) != width:
+                    raise DataError(f"{path}: line {i + 1} has {len(row)} columns, expected {width}")
+                at = label_col % width
+                try:
+                    rows.append([float(v) for j, v in enumerate(row) if j != at])
+                except ValueError:
+                    j = next(j for j, v in enumerate(row) if j != at and not _numeric([v]))
+                    col = repr(header[j]) if header else f"{j + 1}"
+                    raise DataError(f"{path}: line {i + 1}, column {col} holds a non-numeric "
+                                    f"feature value {row[j][:40]!r}") from None
+                labels.append(row[at].strip())
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read CSV ({exc})") from None
-    if not rows or len(rows[0]) < 2:
+    if not rows or not rows[0]:
         raise DataError(f"{path}: expected rows of features plus a label column")
-    table = np.asarray(rows, dtype=np.float64)
-    y = table[:, label_col]
-    x = np.delete(table, label_col if label_col >= 0 else table.shape[1] - 1, axis=1)
-    return x, y
+    return np.asarray(rows, dtype=np.float64), np.asarray(labels)
+
+
+def _numeric(values: list[str]) -> bool:
+    try:
+        for v in values:
+            float(v)
+    except ValueError:
+        return False
+    return True
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -31,6 +31,7 @@ from hnet_serve.training.data.task import (
     TaskData,
     check_inputs,
     check_labels,
+    encode_labels,
 )
 
 
@@ -230,9 +231,13 @@ def load_task_file(
     """A custom task from a user's file.
 
     * ``.npz``: ``x_train``, ``y_train``, ``x_test``, ``y_test`` (or ``x``, ``y``, split here);
-      optional ``label_names`` (a string array).
+      optional ``label_names`` (a string array; the labels are then indices into it).
     * ``.npy``: one 2-D array, features then the label in the last column (split here).
-    * ``.csv``: numbers, one row per example, label in the ``label`` column or the last one.
+    * ``.csv``: numeric features, one row per example, the label in the ``label`` column or the
+      last one.
+
+    Labels may be class names (strings) or any integers: they become the task's classes in
+    sorted order, named by their value (:func:`~hnet_serve.training.data.task.encode_labels`).
 
     Splits made here are deterministic: ``test_fraction`` of the rows, shuffled with ``seed``.
     """
@@ -271,6 +276,8 @@ def load_task_file(
         xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
     else:
         raise DataError(f"{p}: unsupported data file type {suffix!r} (use .npz, .npy or .csv)")
+    if label_names is None:
+        ytr, yte, label_names = encode_labels(ytr, yte, f"{p} labels")
     return TaskData(
         name,
         check_inputs(xtr, f"{p} x_train"),

@@ -152,7 +152,7 @@ class TaskData:
         )
 
 
-def check_labels(y: np.ndarray, what: str) -> np.ndarray:
+def check_labels(y: np.ndarray, what: str, *, allow_negative: bool = False) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
         raise DataError(f"{what}: labels must be 1-D, got shape {y.shape}")
@@ -165,9 +165,47 @@ def check_labels(y: np.ndarray, what: str) -> np.ndarray:
     if y.size and np.abs(y).max() >= 2**31:
         raise DataError(f"{what}: label {y.max()} is out of range")
     y = y.astype(np.int64)
-    if y.size and y.min() < 0:
+    if y.size and y.min() < 0 and not allow_negative:
         raise DataError(f"{what}: labels must be >= 0, got {int(y.min())}")
     return y
+
+
+def encode_labels(
+    y_train: np.ndarray, y_test: np.ndarray, what: str
+) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Class indices ``0..C-1`` and the class names for any labels a user's file holds.
+
+    Integer labels that already are ``0..C-1`` stay as they are (names ``None``: the default
+    ``"0"..``). Any other labels (class names as strings, integers such as 5..9, numbers
+    written as text) become indices in sorted order, named by their value: ``["5", ..., "9"]``
+    or ``["cat", "dog"]``.
+    """
+    both = np.concatenate([np.asarray(y_train).reshape(-1), np.asarray(y_test).reshape(-1)])
+    if both.dtype.kind in "US":
+        values = np.char.strip(both.astype(str))
+        if all(_is_int(v) for v in np.unique(values)):
+            both = values.astype(np.float64)  # numbers written as text
+        else:
+            if (values == "").any():
+                raise DataError(f"{what}: a label is empty")
+            names, idx = np.unique(values, return_inverse=True)
+            n = len(y_train)
+            return idx[:n].astype(np.int64), idx[n:].astype(np.int64), [str(s) for s in names]
+    ytr = check_labels(both[: len(y_train)], what, allow_negative=True)
+    yte = check_labels(both[len(y_train):], what, allow_negative=True)
+    uniq = np.unique(np.concatenate([ytr, yte]))
+    if uniq.size and (uniq[0] != 0 or uniq[-1] != uniq.size - 1):
+        mapping = {int(v): i for i, v in enumerate(uniq)}
+        remap = np.vectorize(mapping.__getitem__, otypes=[np.int64])
+        return remap(ytr), remap(yte), [str(int(v)) for v in uniq]
+    return ytr, yte, None
+
+
+def _is_int(v: str) -> bool:
+    try:
+        return float(v) == int(float(v))
+    except (ValueError, OverflowError):
+        return False
 
 
 def check_inputs(x: np.ndarray, what: str) -> np.ndarray:
