@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hnet_serve.serving.runtime import Runtime
 from hnet_serve.scoring.scorer import score_file
+from hnet_serve.serving.runtime import Runtime
 from hnet_serve.training.data import load_task_file
 from hnet_serve.training.data.task import encode_labels
 from tests.conftest import tiny_mlp_model

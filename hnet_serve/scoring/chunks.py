@@ -55,6 +55,7 @@ class Chunk:
     bad: dict[int, str] = field(default_factory=dict)  # position in chunk -> reason
     raw: Callable[[int], Any] = lambda i: None  # position -> the row as read
     rejects: list[Reject] = field(default_factory=list)  # rows the reader itself dropped
+    kept: pa.Table | None = None  # (n rows) the columns passed through unchanged, if any
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -131,14 +132,26 @@ class Columns:
     features: list[str]
     task: str | None
     list_column: bool
+    keep: list[str] = field(default_factory=list)  # passed through, in the input's order
 
     @classmethod
-    def resolve(cls, names: list[str], width: int, task_column: str | None) -> Columns:
+    def resolve(cls, names: list[str], width: int, task_column: str | None,
+                keep: list[str] | tuple[str, ...] = (), *, where: str = "the input",
+                text: dict[str, str] | None = None) -> Columns:
+        """``text``: columns known to hold text (name -> type), refused as features by name."""
         if task_column is not None and task_column not in names:
             raise InputError(f"task column {task_column!r} not found (columns: {show_names(names)})")
-        if INPUT_COLUMN in names and task_column != INPUT_COLUMN:
-            return cls([INPUT_COLUMN], task_column, True)
-        feats = [n for n in names if n != task_column]
+        missing = [k for k in keep if k not in names]
+        if missing:
+            raise InputError(f"--keep-columns names columns the input does not have: "
+                             f"{show_names(missing)} (columns: {show_names(names)})")
+        if task_column is not None and task_column in keep:
+            raise InputError(f"the task column {task_column!r} cannot also be a kept column")
+        kept = [n for n in names if n in keep]
+        if INPUT_COLUMN in names and task_column != INPUT_COLUMN and INPUT_COLUMN not in keep:
+            return cls([INPUT_COLUMN], task_column, True, kept)
+        feats = [n for n in names if n != task_column and n not in keep]
+        cls(feats, task_column, False, kept).refuse_non_numeric(text or {}, where)
         if len(feats) != width:
             hint = "" if task_column else "; name a task column with --task-column"
             raise InputError(
@@ -146,7 +159,16 @@ class Columns:
                 f"takes {width} features: give {width} numeric columns or one list column "
                 f"named {INPUT_COLUMN!r}{hint}"
             )
-        return cls(feats, task_column, False)
+        return cls(feats, task_column, False, kept)
+
+    def refuse_non_numeric(self, types: dict[str, str], where: str) -> None:
+        """Feature columns that hold text (an id, a category) are named, with the way out."""
+        text = [n for n in self.features if n in types]
+        if text:
+            shown = ", ".join(f"{n!r} ({types[n]})" for n in text[:6])
+            raise InputError(
+                f"{where}: non-numeric column(s) {shown} would be model features: pass them "
+                f"through with --keep-columns {','.join(text[:6])}, or drop them")
 
 
 def show_names(names: list[str], k: int = 6) -> str:
@@ -283,6 +305,10 @@ def table_chunk(
         else np.asarray(start, dtype=np.int64)
     )
     tasks = task_values(table.column(columns.task)) if columns.task else None
-    return Chunk(rows, feats, tasks, bad, raw=lambda i: table.slice(i, 1).to_pylist()[0])
+    kept = table.select(columns.keep) if columns.keep else None
+    if kept is not None and isinstance(kept, pa.RecordBatch):
+        kept = pa.Table.from_batches([kept])
+    return Chunk(rows, feats, tasks, bad, raw=lambda i: table.slice(i, 1).to_pylist()[0],
+                 kept=kept)
 
 

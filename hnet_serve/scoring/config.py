@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hnet_serve.configs import validate
 
@@ -28,6 +28,15 @@ class ScoringConfig(BaseModel):
     on_error: Literal["stop", "skip"] = "stop"
     rejects: str | None = None
     row_numbers: bool = False
+    # Columns passed through to the output unchanged, in the input's order (an id to join on).
+    keep_columns: list[str] = Field(default_factory=list)
+
+    @field_validator("keep_columns", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
 
     @model_validator(mode="before")
     @classmethod

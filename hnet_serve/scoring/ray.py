@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hnet_serve.errors import InputError
 from hnet_serve.scoring.config import DEFAULT_BATCH_SIZE
 from hnet_serve.scoring.scorer import (
     Scorer,
@@ -53,32 +52,15 @@ class HNetScorer:
         config = ScoringConfig.build(
             task=task, task_column=task_column, backend=backend, threads=threads,
             probabilities=probabilities, on_error=on_error, batch_size=batch_size,
+            keep_columns=list(keep_columns),
         )
         self.scorer = Scorer(runtime_for(checkpoint, config), config)
-        self.keep_columns = list(keep_columns)
 
     def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
         chunk = batch_chunk(batch, self.scorer)
-        scored = self.scorer.score_chunk(chunk)
-        table = scored.to_arrow()
-        if self.keep_columns:
-            source = batch if isinstance(batch, (pa.Table, pa.RecordBatch)) else None
-            kept = {}
-            for name in self.keep_columns:
-                values = _column(batch, source, name)
-                kept[name] = values.take(pa.array(scored.rows)) if source is not None else \
-                    pa.array(np.asarray(values)[scored.rows])
-            table = pa.table({**kept, **{n: table[n] for n in table.column_names}})
-        return _like(batch, table)
-
-
-def _column(batch: Any, source: Any, name: str) -> Any:
-    try:
-        return source.column(name) if source is not None else batch[name]
-    except KeyError:
-        raise InputError(f"keep column {name!r} not found in the batch") from None
+        if chunk.kept is not None:
+            self.scorer.schema.kept = chunk.kept.schema
+        return _like(batch, self.scorer.score_chunk(chunk).to_arrow())
 
 
 def _like(batch: Any, table: Any) -> Any:

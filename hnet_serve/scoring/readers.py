@@ -105,7 +105,8 @@ def _npy_chunks(
         start += len(buf)
 
 
-def _read_npy(path: Path, input_shape: tuple[int, ...], batch_size: int, task_column: str | None):
+def _read_npy(path: Path, input_shape: tuple[int, ...], batch_size: int, task_column: str | None,
+              keep: tuple[str, ...] = ()):
     """Chunks as views of the memory-mapped file, unmapped once consumed.
 
     No copy for float32 data (the model reads the page cache directly), and RSS stays about
@@ -159,7 +160,8 @@ def _npz_members(zf: zipfile.ZipFile, path: Path, task_column: str | None) -> tu
     )
 
 
-def _read_npz(path: Path, input_shape: tuple[int, ...], batch_size: int, task_column: str | None):
+def _read_npz(path: Path, input_shape: tuple[int, ...], batch_size: int, task_column: str | None,
+              keep: tuple[str, ...] = ()):
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
@@ -179,8 +181,9 @@ def _read_npz(path: Path, input_shape: tuple[int, ...], batch_size: int, task_co
                 yield from _npy_chunks(stream, f"{path}[{feat_key}]", input_shape, batch_size, tasks)
 
 
-def _csv_header(path: Path) -> tuple[list[str], int, int]:
-    """Column names, the header's length in bytes and the average length of the next lines."""
+def _csv_header(path: Path) -> tuple[list[str], int, int, list[str] | None]:
+    """Column names, the header's length in bytes, the average length of the next lines and
+    the first data row's fields (None when there is none in the first 64 KiB)."""
     with open(path, "rb") as f:
         sample = f.read(1 << 16)
     if not sample.strip():
@@ -194,7 +197,20 @@ def _csv_header(path: Path) -> tuple[list[str], int, int]:
         raise InputError(f"{path}: duplicate column names in the CSV header")
     body = lines[1:-1]  # the last piece may be cut short
     avg = sum(len(s) + 1 for s in body) // len(body) if body else len(lines[0]) + 1
-    return names, len(lines[0]) + 1, max(avg, 16)
+    first = next((b for b in body if b.strip()), None)
+    try:
+        row = next(csv.reader([first.decode("utf-8").rstrip("\r")])) if first else None
+    except (csv.Error, StopIteration, UnicodeDecodeError):
+        row = None
+    return names, len(lines[0]) + 1, max(avg, 16), row
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _line_blocks(f: IO[bytes], block_bytes: int) -> Iterator[bytes]:
@@ -231,7 +247,8 @@ def _without_blank_lines(block: bytes) -> tuple[bytes, np.ndarray]:
     return b"\n".join(lines[i] for i in kept) + b"\n", np.asarray(kept, dtype=np.int64)
 
 
-def _read_csv(path: Path, input_shape: tuple[int, ...], batch_size: int, task_column: str | None):
+def _read_csv(path: Path, input_shape: tuple[int, ...], batch_size: int, task_column: str | None,
+              keep: tuple[str, ...] = ()):
     """CSV in blocks of about ``batch_size`` lines, each parsed on its own.
 
     We split the file ourselves rather than use pyarrow's streaming reader: that one reads ahead
@@ -243,8 +260,10 @@ def _read_csv(path: Path, input_shape: tuple[int, ...], batch_size: int, task_co
     import pyarrow.csv as pacsv
 
     width = math.prod(input_shape)
-    names, header_bytes, line_len = _csv_header(path)
-    columns = Columns.resolve(names, width, task_column)
+    names, header_bytes, line_len, first = _csv_header(path)
+    text = ({n: "text" for n, v in zip(names, first) if v.strip() and not _is_number(v)}
+            if first is not None and len(first) == len(names) else {})  # the first row's text
+    columns = Columns.resolve(names, width, task_column, keep, where=str(path), text=text)
     if columns.list_column:
         raise InputError(
             f"{path}: a CSV cannot hold a list column {INPUT_COLUMN!r}; use one column per "
@@ -299,7 +318,8 @@ def _read_csv(path: Path, input_shape: tuple[int, ...], batch_size: int, task_co
             yield chunk
 
 
-def _read_parquet(path: Path, input_shape: tuple[int, ...], batch_size: int, task_column: str | None):
+def _read_parquet(path: Path, input_shape: tuple[int, ...], batch_size: int,
+                  task_column: str | None, keep: tuple[str, ...] = ()):
     import pyarrow.parquet as pq
 
     width = math.prod(input_shape)
@@ -310,8 +330,14 @@ def _read_parquet(path: Path, input_shape: tuple[int, ...], batch_size: int, tas
         raise InputError(f"{path}: not a valid Parquet file ({exc})") from None
     with pf:
         names = pf.schema_arrow.names
-        columns = Columns.resolve(names, width, task_column)
-        wanted = columns.features + ([columns.task] if columns.task else [])
+        text = {f.name: str(f.type) for f in pf.schema_arrow
+                if not (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+                        or pa.types.is_boolean(f.type) or pa.types.is_null(f.type)
+                        or pa.types.is_decimal(f.type) or pa.types.is_list(f.type)
+                        or pa.types.is_large_list(f.type)
+                        or pa.types.is_fixed_size_list(f.type))}
+        columns = Columns.resolve(names, width, task_column, keep, where=str(path), text=text)
+        wanted = [n for n in names if n in {*columns.features, columns.task, *columns.keep}]
         start = 0
         batches = pf.iter_batches(batch_size=batch_size, columns=wanted)
         while True:
@@ -334,13 +360,19 @@ def read_chunks(
     *,
     batch_size: int,
     task_column: str | None = None,
+    keep_columns: list[str] | tuple[str, ...] = (),
 ) -> Iterator[Chunk]:
-    """Stream ``path`` as chunks of at most ``batch_size`` rows (memory independent of size)."""
+    """Stream ``path`` as chunks of at most ``batch_size`` rows (memory independent of size);
+    ``keep_columns`` (tables only: .csv, .parquet) come along unchanged in ``Chunk.kept``."""
     path = Path(path)
     suffix = suffix_of(path, INPUT_SUFFIXES, "input")
     if not path.is_file():
         raise InputError(f"input file {str(path)!r} does not exist")
-    return _READERS[suffix](path, tuple(input_shape), batch_size, task_column)
+    if keep_columns and suffix in (".npy", ".npz"):
+        raise InputError(f"{path}: --keep-columns needs a table input (.csv or .parquet); an "
+                         "array file has no named columns")
+    return _READERS[suffix](path, tuple(input_shape), batch_size, task_column,
+                            tuple(keep_columns))
 
 
 def count_rows(path: str | os.PathLike) -> int | None:

@@ -17,13 +17,13 @@ row numbers (``on_error="stop"``, the default) or are skipped and listed in a re
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,82 +32,15 @@ import numpy as np
 from hnet_serve.errors import ConfigError, InputError, OutputError
 from hnet_serve.fsutil import check_output_file
 from hnet_serve.scoring.config import ScoringConfig
+from hnet_serve.scoring.results import ScoredBatch, ScoreReport, describe_rejects
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from hnet_serve.scoring.chunks import Chunk, Reject
-    from hnet_serve.scoring.writers import OutputSchema
+    from hnet_serve.scoring.chunks import Chunk
     from hnet_serve.serving.runtime import Runtime
 
-_SHOW_REJECTS = 5  # rows named in an error message
 _SLICE_BYTES = 2 << 20
-
-
-# -- results ------------------------------------------------------------------------------
-@dataclass
-class ScoredBatch:
-    """Scores of the rows of one batch that were scored, in input order, plus the rejects."""
-
-    rows: np.ndarray  # (m,) int64 row numbers of the scored rows
-    task_index: np.ndarray  # (m,) int32 into schema.task_names
-    predictions: np.ndarray  # (m,) int64
-    probabilities: np.ndarray | None  # (m, C) float32, zero-padded; None unless requested
-    rejects: list[Reject]
-    schema: OutputSchema
-
-    @property
-    def tasks(self) -> list[str]:
-        """Per scored row, the task (given or inferred)."""
-        names = self.schema.task_names
-        return [names[i] for i in self.task_index.tolist()]
-
-    def to_arrow(self) -> pa.Table:
-        """``[row], task, prediction, [probabilities]`` as a pyarrow table."""
-        import pyarrow as pa
-
-        from hnet_serve.scoring.writers import score_columns
-
-        return pa.table(score_columns(
-            self.schema, self.rows, self.task_index, self.predictions, self.probabilities
-        ))
-
-    def to_pandas(self):
-        return self.to_arrow().to_pandas()
-
-
-@dataclass
-class ScoreReport:
-    """What :func:`score_file` did (also the ``--json`` output of ``hnet-serve score``)."""
-
-    input: str
-    output: str
-    rows_read: int = 0
-    rows_scored: int = 0
-    rows_rejected: int = 0
-    rejected_rows: list[int] = field(default_factory=list)  # the first 100
-    rejects_file: str | None = None
-    tasks: dict[str, int] = field(default_factory=dict)  # rows scored per task
-    inferred: bool = False
-    backend: str = "onnx"
-    seconds: float = 0.0
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows_read / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["rows_per_second"] = round(self.rows_per_second, 1)
-        out["seconds"] = round(self.seconds, 3)
-        return out
-
-
-def describe_rejects(rejects: Sequence[Reject], total: int | None = None) -> str:
-    shown = "; ".join(f"row {r.row}: {r.reason}" for r in rejects[:_SHOW_REJECTS])
-    n = len(rejects) if total is None else total
-    more = f" (and {n - _SHOW_REJECTS} more)" if n > _SHOW_REJECTS else ""
-    return shown + more
 
 
 # -- the scorer ---------------------------------------------------------------------------
@@ -136,6 +69,7 @@ class Scorer:
             class_names=[runtime.labels_of([n] * runtime.task(n).num_classes,
                                            np.arange(runtime.task(n).num_classes))
                          for n in names],
+            task_inferred=config.task is None,
         )
         self._index = {n: i for i, n in enumerate(names)}
         # Rows per runtime call: about _SLICE_BYTES of features, so that a slice stays in cache
@@ -192,8 +126,10 @@ class Scorer:
             x = chunk.features[pos]  # (m, d)
             tasks = [chunk.tasks[i] for i in pos.tolist()] if column else None
             rows = chunk.rows[pos]
+            kept = chunk.kept.take(pos) if chunk.kept is not None else None
         else:
             x, tasks, rows = chunk.features, chunk.tasks if column else None, chunk.rows
+            kept = chunk.kept
         m = x.shape[0]
         task_idx = np.empty(m, dtype=np.int32)
         preds = np.empty(m, dtype=np.int64)
@@ -214,7 +150,13 @@ class Scorer:
             preds[lo:hi] = pred.predictions
             if probs is not None:
                 probs[lo:hi, : pred.probabilities.shape[1]] = pred.probabilities
-        return ScoredBatch(rows, task_idx, preds, probs, rejects, self.schema)
+        if self.config.task is not None:
+            inferred = None
+        elif column:
+            inferred = np.fromiter((t is None for t in tasks), dtype=bool, count=m)
+        else:
+            inferred = np.ones(m, dtype=bool)
+        return ScoredBatch(rows, task_idx, preds, probs, rejects, self.schema, kept, inferred)
 
 
 def runtime_for(checkpoint: Runtime | str | os.PathLike, config: ScoringConfig) -> Runtime:
@@ -279,14 +221,16 @@ def batch_chunk(batch: Any, scorer: Scorer, row_offset: int = 0) -> Chunk:
     )
 
     if isinstance(batch, np.ndarray) and batch.dtype.kind in "fiub" and batch.dtype.fields is None:
-        if scorer.config.task_column is not None:
-            raise ConfigError("a plain array has no task column: pass a table or DataFrame")
+        if scorer.config.task_column is not None or scorer.config.keep_columns:
+            raise ConfigError("a plain array has no named columns (task or kept columns): pass "
+                              "a table or DataFrame")
         if batch.ndim < 2:
             raise InputError(f"expected a 2-D array of rows, got shape {list(batch.shape)}")
         check_array_width(batch.shape, scorer.input_shape, "the array")
         return array_chunk(batch, row_offset)
     table = _as_table(batch)
-    columns = Columns.resolve(table.column_names, scorer.width, scorer.config.task_column)
+    columns = Columns.resolve(table.column_names, scorer.width, scorer.config.task_column,
+                              scorer.config.keep_columns)
     return table_chunk(table, columns, scorer.width, row_offset)
 
 
@@ -379,10 +323,17 @@ def score_file(
                          backend=runtime.config.backend, inferred=config.task is None)
     counts: Counter[int] = Counter()
     t0 = time.perf_counter()
-    chunks = read_chunks(input, scorer.input_shape, batch_size=config.batch_size,
-                         task_column=config.task_column)
+    source = read_chunks(input, scorer.input_shape, batch_size=config.batch_size,
+                         task_column=config.task_column, keep_columns=config.keep_columns)
+    chunks: Iterator[Chunk] = source
     writers = []
     try:
+        if config.keep_columns:
+            # The kept columns' types come from the data (text in a CSV): from the first chunk.
+            first = next(source, None)
+            scorer.schema.kept = (first.kept.schema if first is not None and first.kept is not None
+                                  else pa_schema_of_text(config.keep_columns))
+            chunks = itertools.chain([first] if first is not None else [], source)
         writer = open_writer(output, scorer.schema)
         writers.append(writer)
         rejects_out = RejectsWriter(rejects_path) if rejects_path else None
@@ -393,7 +344,7 @@ def score_file(
             for chunk in chunks:
                 scored = scorer.score_chunk(chunk)
                 writer.write(scored.rows, scored.task_index, scored.predictions,
-                             scored.probabilities)
+                             scored.probabilities, scored.kept, scored.inferred)
                 if rejects_out is not None:
                     rejects_out.write(scored.rejects)
                 seen = len(chunk) + len(chunk.rejects)
@@ -418,10 +369,17 @@ def score_file(
             w.abort()
         raise
     finally:
-        chunks.close()
+        source.close()
     report.seconds = time.perf_counter() - t0
     report.tasks = {scorer.schema.task_names[i]: n for i, n in sorted(counts.items())}
     return report
+
+
+def pa_schema_of_text(names: list[str]) -> pa.Schema:
+    """Kept columns of an input without rows: text columns."""
+    import pyarrow as pa
+
+    return pa.schema([(n, pa.string()) for n in names])
 
 
 def _count(task_index: np.ndarray) -> dict[int, int]:

@@ -31,6 +31,8 @@ class OutputSchema:
     row_numbers: bool = False
     # Class names per task (same order as task_names); None: the class index as text.
     class_names: list[list[str]] | None = None
+    kept: pa.Schema | None = None  # columns passed through unchanged, first in every row
+    task_inferred: bool = False  # a task_inferred column (the task may be inferred)
 
     def __post_init__(self) -> None:
         names = self.class_names or [[] for _ in self.task_names]
@@ -51,19 +53,29 @@ def score_columns(
     probabilities: np.ndarray | None,  # (m, C) float32
     *,
     csv: bool = False,
+    kept: pa.Table | None = None,  # (m rows) schema.kept's columns
+    inferred: np.ndarray | None = None,  # (m,) bool: was the row's task inferred
 ) -> dict[str, pa.Array]:
-    """The output columns as Arrow arrays: ``[row], task, prediction, label, [probabilities]``.
+    """The output columns as Arrow arrays: ``[kept...], [row], task, [task_inferred],
+    prediction, label, [probabilities]``.
 
     ``task`` is dictionary-encoded (a few distinct names over many rows). A CSV cell holds one
     value, so for CSV ``task`` is plain strings and ``probabilities`` a JSON list per row.
     """
     cols: dict[str, pa.Array] = {}
+    if schema.kept is not None:
+        source = kept if kept is not None else schema.kept.empty_table()
+        for name in schema.kept.names:
+            cols[name] = source.column(name).combine_chunks().cast(schema.kept.field(name).type)
     if schema.row_numbers:
         cols["row"] = pa.array(rows, pa.int64())
     tasks = pa.DictionaryArray.from_arrays(
         pa.array(task_idx, pa.int32()), pa.array(schema.task_names, pa.string())
     )
     cols["task"] = tasks.dictionary_decode() if csv else tasks
+    if schema.task_inferred:
+        cols["task_inferred"] = pa.array(
+            inferred if inferred is not None else np.zeros(len(rows), bool), pa.bool_())
     cols["prediction"] = pa.array(predictions, pa.int64())
     labels = pa.DictionaryArray.from_arrays(
         pa.array(schema.label_index(task_idx, predictions), pa.int32()),
@@ -162,6 +174,8 @@ class ScoreWriter(AtomicOutput):
         task_idx: np.ndarray,  # (m,) int32 into schema.task_names
         predictions: np.ndarray,  # (m,) int64
         probabilities: np.ndarray | None,  # (m, C) float32
+        kept: pa.Table | None = None,  # (m rows) the passed-through columns
+        inferred: np.ndarray | None = None,  # (m,) bool
     ) -> None:
         raise NotImplementedError
 
@@ -184,13 +198,14 @@ class _ArrowScoreWriter(ScoreWriter):
     def _open(self):
         raise NotImplementedError
 
-    def _table(self, rows, task_idx, predictions, probabilities) -> pa.Table:
-        return pa.table(
-            score_columns(self.schema, rows, task_idx, predictions, probabilities, csv=self.csv)
-        )
+    def _table(self, rows, task_idx, predictions, probabilities, kept=None, inferred=None
+               ) -> pa.Table:
+        return pa.table(score_columns(self.schema, rows, task_idx, predictions, probabilities,
+                                      csv=self.csv, kept=kept, inferred=inferred))
 
-    def write(self, rows, task_idx, predictions, probabilities) -> None:
-        self.writer.write_table(self._table(rows, task_idx, predictions, probabilities))
+    def write(self, rows, task_idx, predictions, probabilities, kept=None, inferred=None) -> None:
+        self.writer.write_table(self._table(rows, task_idx, predictions, probabilities, kept,
+                                            inferred))
         self.rows_written += len(rows)
 
     def _close(self) -> None:
@@ -249,7 +264,7 @@ class NpyScoreWriter(ScoreWriter):
         body = text.ljust(total - prefix_len - 1) + "\n"
         return np.lib.format.magic(1, 0) + len(body).to_bytes(2, "little") + body.encode("latin1")
 
-    def write(self, rows, task_idx, predictions, probabilities) -> None:
+    def write(self, rows, task_idx, predictions, probabilities, kept=None, inferred=None) -> None:
         rec = np.empty(len(rows), dtype=self.dtype)
         if self.schema.row_numbers:
             rec["row"] = rows
@@ -271,6 +286,9 @@ _WRITERS = {".parquet": ParquetScoreWriter, ".csv": CsvScoreWriter, ".npy": NpyS
 
 
 def open_writer(path: str | os.PathLike, schema: OutputSchema) -> ScoreWriter:
-    """The atomic writer for ``path``'s format (``.parquet``, ``.csv`` or ``.npy``)."""
+    """The atomic writer for ``path``'s format (``.parquet``, ``.csv`` or ``.npy``; a ``.npy``
+    output keeps its documented fixed layout, so it takes no kept columns)."""
+    if schema.kept is not None and str(path).lower().endswith(".npy"):
+        raise ConfigError("--keep-columns needs a table output (.parquet or .csv), not .npy")
     return _WRITERS[suffix_of(path, OUTPUT_SUFFIXES, "output")](path, schema)
 
