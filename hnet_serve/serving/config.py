@@ -59,6 +59,8 @@ class ServingConfig(BaseModel):
     max_request_bytes: int = Field(default=64 * MiB, gt=0)
     intra_op_threads: int | None = Field(default=None, gt=0)
     temperature: float = Field(default=1.0, gt=0)
+    # the Open Inference Protocol's name of the task-inference model (serving/oip.py)
+    oip_infer_model: str = Field(default="_infer", pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
     @field_validator("cache_bytes", "max_request_bytes", mode="before")
     @classmethod
