@@ -370,10 +370,12 @@ def server(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
             proc.wait(10)
 
 
-async def load(url: str, bodies: list[bytes], clients: int, seconds: float, warmup: float
+async def load(url: str, bodies: list[bytes], clients: int, seconds: float, warmup: float,
+               paths: list[str] | None = None, headers: list[dict[str, str]] | None = None
                ) -> dict[str, Any]:
-    """``clients`` concurrent loops posting ``bodies`` round robin for ``warmup + seconds``;
-    returns the latencies of the requests started after the warm-up, errors and statuses."""
+    """``clients`` concurrent loops posting ``bodies`` (body i to ``paths[i]`` with
+    ``headers[i]``; default ``/predict`` with a JSON content type) round robin for ``warmup + seconds``; returns the latencies of the requests started
+    after the warm-up, errors and statuses."""
     import aiohttp
 
     lat: list[float] = []
@@ -381,7 +383,7 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float, warm
     start = time.perf_counter()
     measure_from = start + warmup
     stop = measure_from + seconds
-    headers = {"content-type": "application/json"}
+    json_header = {"content-type": "application/json"}
 
     async def client(i: int, session: aiohttp.ClientSession) -> None:
         k = i
@@ -390,9 +392,11 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float, warm
             if t0 >= stop:
                 return
             body = bodies[k % len(bodies)]
+            head = headers[k % len(bodies)] if headers else json_header
+            path = paths[k % len(bodies)] if paths else "/predict"
             k += clients
             try:
-                async with session.post(url + "/predict", data=body, headers=headers) as r:
+                async with session.post(url + path, data=body, headers=head) as r:
                     await r.read()
                     status = r.status
             except aiohttp.ClientError:

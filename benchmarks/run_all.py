@@ -20,6 +20,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
     ("training", "benchmarks.bench_training", []),
     ("export", "benchmarks.bench_export", []),
     ("serving", "benchmarks.bench_serving", []),
+    ("protocols", "benchmarks.bench_protocols", []),
     ("scoring", "benchmarks.bench_scoring", []),
     ("accuracy", "benchmarks.bench_accuracy", []),
     ("reproduction-split-mnist", "benchmarks.bench_reproduction",

@@ -3,6 +3,8 @@
     hnet-serve export DIR (--task NAME [--task NAME ...] | --all) --out OUTDIR
                       [--opset N] [--no-verify] [--quantize int8] [--json]
     hnet-serve export DIR --dynamic --out FILE [--opset N] [--no-verify] [--json]
+    hnet-serve export DIR (--task NAME ... | --all) --format triton --out REPO
+                      [--max-batch-size N] [--opset N] [--no-verify] [--json]
 """
 
 from __future__ import annotations
@@ -42,9 +44,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.dynamic and args.quantize:
         raise ConfigError("--quantize applies to per-task models, not to --dynamic")
+    if args.format == "triton" and (args.dynamic or args.quantize):
+        raise ConfigError("--format triton writes per-task float models: no --dynamic, "
+                          "no --quantize")
     from hnet_serve.export import onnx_export
 
     t0 = time.perf_counter()
+    if args.format == "triton":
+        return _triton(args, t0)
     if args.dynamic:
         results = [onnx_export.to_dynamic_onnx(args.checkpoint, args.out, opset=args.opset,
                                                verify=args.verify)]
@@ -62,6 +69,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(_describe(r))
     what = "dynamic graph" if args.dynamic else f"{len(results)} task(s)"
     print(f"exported {what} in {seconds:.1f} s (opset {results[0].opset})")
+    return 0
+
+
+def _triton(args: argparse.Namespace, t0: float) -> int:
+    from hnet_serve.console import print_json
+    from hnet_serve.export.triton import export_triton
+
+    models = export_triton(args.checkpoint, args.out, None if args.all else args.tasks,
+                           opset=args.opset, verify=args.verify,
+                           max_batch_size=args.max_batch_size, progress=not args.json)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print_json({"checkpoint": args.checkpoint, "kind": "triton", "repository": args.out,
+                    "seconds": seconds, "models": [asdict(m) for m in models]})
+        return 0
+    for m in models:
+        print(_describe(m.onnx) + f"\n  Triton model {m.name!r}: {m.config}")
+    print(f"wrote a Triton model repository of {len(models)} model(s) to {args.out} in "
+          f"{seconds:.1f} s")
     return 0
 
 
@@ -93,5 +119,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="also write <task>.int8.onnx (dynamic quantization) and report the "
                         "accuracy change")
+    p.add_argument("--format", choices=["onnx", "triton"], default="onnx",
+                   help="onnx: OUTDIR/<task>.onnx; triton: a Triton model repository, "
+                        "OUTDIR/<task>/config.pbtxt, labels.txt and 1/model.onnx")
+    p.add_argument("--max-batch-size", type=int, default=64, metavar="N",
+                   help="--format triton: max_batch_size of every model (default 64)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_export)

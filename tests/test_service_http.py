@@ -125,7 +125,8 @@ def test_tasks_lists_every_task(client):
     assert list(tasks) == ["task-0", "task-1", "task-2", "binary"]
     assert tasks["binary"]["label_names"] == ["no", "yes"] and tasks["binary"]["num_classes"] == 2
     assert tasks["task-2"]["cached"] is True and tasks["task-2"]["input_shape"] == [12]
-    assert client.post("/tasks").status_code == 405
+    assert client.post("/tasks").json()["tasks"] == r.json()["tasks"]  # an API too (BentoML clients)
+    assert client.put("/tasks").status_code == 405
 
 
 def test_metrics_count_cache_and_requests(client):

@@ -67,6 +67,8 @@ class ServingConfig(BaseModel):
     temperature: float = Field(default=1.0, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX,
                                allow_inf_nan=False)
     exclude_from_inference: list[str] = Field(default_factory=list)
+    # the Open Inference Protocol's name of the task-inference model (serving/oip.py)
+    oip_infer_model: str = Field(default="_infer", pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
     @field_validator("cache_bytes", "max_request_bytes", mode="before")
     @classmethod

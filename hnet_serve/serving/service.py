@@ -4,6 +4,8 @@ Routes
   ``POST /predict``  ``{"task": "<name>" | null, "inputs": [[...], ...]}`` ->
                      ``{"task", "predictions", "probabilities"}`` (+ ``inferred``, ``confidence``)
   ``GET /tasks``     every task (name, input shape, classes, labels, cached, pinned) and cache stats
+                     (also ``POST /tasks``, so that BentoML's clients have ``tasks()``)
+  ``/v2/...``        the Open Inference Protocol (KServe v2), see :mod:`hnet_serve.serving.oip`
   ``/livez``, ``/readyz`` (BentoML's; ready only once the checkpoint is loaded), ``/metrics``
   (BentoML's plus ``hnet_cache_*`` and ``hnet_requests_total{task}``).
 
@@ -33,7 +35,7 @@ from collections import Counter
 from typing import Annotated, Any
 
 import bentoml
-from pydantic import Field
+from pydantic import Field, WithJsonSchema
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -44,12 +46,12 @@ from hnet_serve.serving.batching import AdaptiveBatcher
 from hnet_serve.serving.config import ServingConfig
 from hnet_serve.serving.http import (
     JsonBodyMiddleware,
-    OpenAPIMiddleware,
     RequestBodyMiddleware,
     error_response,
     install_client_error_log_filter,
 )
 from hnet_serve.serving.metrics import install_route_labels, metrics_text
+from hnet_serve.serving.oip import ProtocolMiddleware, oip_app
 from hnet_serve.serving.runtime import Runtime
 
 # Under "bentoml" so that `bentoml serve`'s logging setup formats and shows these lines.
@@ -58,6 +60,10 @@ logger = logging.getLogger("bentoml.hnet_serve")
 MODEL_TAG_ENV = "HNET_MODEL_TAG"
 MODEL_TAG = os.environ.get(MODEL_TAG_ENV) or "hnet:latest"
 INFERRED = "*"  # the task label of requests without a task ("*" is not a valid task name)
+# BentoML's clients encode an argument by its declared JSON schema: "tensor" makes them send
+# numpy arrays (and torch tensors) as nested lists. The server still validates a list, so a bad
+# row keeps our own error message.
+TENSOR_INPUT = WithJsonSchema({"type": "tensor", "format": "numpy-array"}, mode="validation")
 
 
 # -- GET /tasks ---------------------------------------------------------------------------
@@ -73,6 +79,7 @@ tasks_app = Starlette(routes=[Route("/tasks", _tasks_endpoint, methods=["GET"])]
 
 
 # -- the service --------------------------------------------------------------------------
+@bentoml.asgi_app(oip_app, path="/", name="oip")  # the Open Inference Protocol: oip.py
 @bentoml.asgi_app(tasks_app, path="/", name="tasks")
 @bentoml.service(
     name="hnet",
@@ -149,7 +156,8 @@ class HNetService:
     async def predict(
         self,
         inputs: Annotated[
-            list[Any], Field(description="rows shaped like the task's input, or flattened")
+            list[Any], Field(description="rows shaped like the task's input, or flattened"),
+            TENSOR_INPUT,
         ],
         task: Annotated[
             str | None, Field(description="task name; null or absent: infer it per row")
@@ -168,6 +176,12 @@ class HNetService:
             self._requests[task if task is not None else INFERRED] += 1
         return pred.to_json()
 
+    @bentoml.api(route="/tasks")
+    async def tasks(self) -> dict[str, Any]:
+        """Every task (name, input shape, classes, labels, cached, pinned) and the cache
+        statistics; the same as ``GET /tasks``, as an API so that BentoML's clients have it."""
+        return self.tasks_response()  # type: ignore[return-value]
+
     def tasks_response(self) -> JSONResponse:
         if self.runtime is None:
             return self.not_ready_response()
@@ -176,6 +190,11 @@ class HNetService:
     def __metrics__(self, content: str) -> str:
         """Append the cache counters and per-task request counts to BentoML's metrics."""
         return content + metrics_text(self.runtime, self._requests_snapshot())
+
+    def record_request(self, task: str | None) -> None:
+        """Count a served request of ``task`` (None: task inferred) for ``/metrics``."""
+        with self._requests_lock:
+            self._requests[task if task is not None else INFERRED] += 1
 
     def _requests_snapshot(self) -> dict[str, int]:
         with self._requests_lock:
@@ -205,7 +224,7 @@ install_route_labels()
 install_client_error_log_filter()
 HNetService.add_asgi_middleware(RequestBodyMiddleware)
 HNetService.add_asgi_middleware(JsonBodyMiddleware)
-HNetService.add_asgi_middleware(OpenAPIMiddleware, service=HNetService)
+HNetService.add_asgi_middleware(ProtocolMiddleware, service=HNetService)
 
 
 __all__ = ["HNetService"]
