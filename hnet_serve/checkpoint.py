@@ -242,7 +242,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
     expected = {
         _HNET + n: tuple(p.shape) for n, p in probe.hypernet.named_parameters()
     }
-    expected[_EMB] = (len(registry), man.hypernet.task_emb_dim)
+    expected[_EMB] = (len(registry), probe.hypernet.emb_dim)
     for task in registry.names:
         for bname, shape in probe.target.buffer_shapes.items():
             expected[f"{_BUF}{task}/{bname}"] = shape
