@@ -60,20 +60,26 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "independent": ("one fresh MLP 100-100 per task", {"method": "independent"}),
     "flat-1500": ("today's compressive setting: flat chunks of 1,500, hidden 50-50, emb 24/8",
                   {"hypernet": COMPRESSIVE_HNET}),
-    "derived-1.0": ("flat, sizes from `derive_hypernet(n, tasks, 1.0)` (hidden 50-50, emb "
-                    "24/8, the largest chunk that fits 1.0x)", {"derive": 1.0}),
+    "derived-1.0": (("flat, sizes from `derive_hypernet(n, tasks, 1.0)` (hidden 50-50, emb "
+                     "24/8, the largest chunk that fits 1.0x)"), {"derive": {"ratio": 1.0}}),
+    "derived-1.0-h100": ("as derived-1.0 with one hidden layer of 100",
+                         {"derive": {"ratio": 1.0, "hidden": [100]}}),
+    "derived-1.0-h25": ("as derived-1.0 with hidden 25-25",
+                        {"derive": {"ratio": 1.0, "hidden": [25, 25]}}),
+    "derived-1.0-beta0.05": ("derived-1.0 with beta 0.05",
+                             {"beta": 0.05, "derive": {"ratio": 1.0}}),
     "flat-1500-beta0.01": ("flat-1500 with beta 0.01 (more plasticity)",
                            {"beta": 0.01, "hypernet": COMPRESSIVE_HNET}),
     "flat-1500-lookahead": ("flat-1500 with the lookahead regularizer",
                             {"lookahead": True, "hypernet": COMPRESSIVE_HNET}),
     "flat-1500-old-emb": ("flat-1500, old task embeddings trained under the regularizer",
                           {"train_old_embeddings": True, "hypernet": COMPRESSIVE_HNET}),
-    "flat-1000-tc32": ("flat chunks of 1,000 + a 32-dim task code per chunk (task-conditioned "
-                       "chunk embeddings)",
+    "flat-1000-tc32": (("flat chunks of 1,000 + a 32-dim task code per chunk "
+                        "(task-conditioned chunk embeddings)"),
                        {"hypernet": {**COMPRESSIVE_HNET, "chunk_size": 1000,
                                      "task_chunk_emb_dim": 32}}),
-    "columns-tc4": ("one chunk per target column, one output layer per tensor, a 4-dim task "
-                    "code per column", {"hypernet": {**_COLS, "task_chunk_emb_dim": 4}}),
+    "columns-tc4": (("one chunk per target column, one output layer per tensor, a 4-dim task "
+                     "code per column"), {"hypernet": {**_COLS, "task_chunk_emb_dim": 4}}),
     "independent-300": ("one fresh MLP 300-300 per task", {"method": "independent", **_T300}),
     "flat-300-4000": ("MLP 300-300 target, flat chunks of 4,000, hidden 60-60, emb 32/8", {
         **_T300, "hypernet": {**COMPRESSIVE_HNET, "hidden": [60, 60], "chunk_size": 4000,
@@ -93,12 +99,14 @@ def run_one(bench: str, variant: str, tasks_n: int, steps: int, seed: int,
     data = {**spec["data"], "tasks": tasks_n}
     tasks = build_benchmark(data["benchmark"], data["dataset"], tasks=data["tasks"], seed=seed)
     over = dict(over)
-    ratio = over.pop("derive", None)
+    derive = over.pop("derive", None)
     cfg = build_config(**{**spec["config"], "tasks": tasks_n, "iterations": steps, "seed": seed,
                           "target": {"hidden": [100, 100]}, **over})
-    if ratio is not None:
+    if derive is not None:
         n = build_model(cfg, tasks).target.n_params
-        cfg = cfg.model_copy(update={"hypernet": derive_hypernet(n, tasks_n, ratio)})
+        hnet = derive_hypernet(n, tasks_n, derive["ratio"],
+                               **{k: v for k, v in derive.items() if k != "ratio"})
+        cfg = cfg.model_copy(update={"hypernet": hnet})
     torch.manual_seed(seed)
     method = make_method(cfg, tasks)
     t0 = time.perf_counter()
@@ -116,6 +124,44 @@ def run_one(bench: str, variant: str, tasks_n: int, steps: int, seed: int,
             "matrix": result.accuracy_matrix, "config": cfg.model_dump(mode="json")}
 
 
+def rank_probe(ranks: list[int], steps: int, seed: int) -> list[list[object]]:
+    """How many private numbers one permuted task needs: an MLP 100-100 on (unpermuted)
+    Fashion-MNIST whose first layer is ``A B`` with ``A (100, r)`` fixed random and only
+    ``B (r, 784)`` learned, as a per-task code over a shared basis would be. Same steps, batch
+    and Adam as the ablation; the full-rank row is the plain network."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from training.trainer import batches
+
+    task = build_benchmark("permuted-mnist", "fashion-mnist", tasks=1, seed=seed)[0]
+    mean, std = float(task.x_train.mean()), float(task.x_train.std())
+    rows = []
+    for r in ranks:
+        torch.manual_seed(seed)
+        a = torch.randn(100, r) / r**0.5  # fixed basis
+        b = nn.Parameter(torch.randn(r, 784) / 28)  # the task's private factor
+        b1 = nn.Parameter(torch.zeros(100))
+        l2, l3 = nn.Linear(100, 100), nn.Linear(100, 10)
+        opt = torch.optim.Adam([b, b1, *l2.parameters(), *l3.parameters()], lr=1e-3)
+
+        def net(x: torch.Tensor, a=a, b=b, b1=b1, l2=l2, l3=l3) -> torch.Tensor:
+            h = F.relu(((x - mean) / std).flatten(1) @ (a @ b).T + b1)  # (B, 100)
+            return l3(F.relu(l2(h)))
+
+        for x, y in batches(task.x_train, task.y_train, 128, steps, seed):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            acc = float((net(torch.from_numpy(task.x_test)).argmax(1).numpy()
+                         == task.y_test).mean())
+        rows.append([r, f"{784 * r:,}", f"{100 * acc:.2f}"])
+        print(f"rank {r}: {100 * acc:.2f}", flush=True)
+    return rows
+
+
 def load_raw() -> dict[str, dict[str, Any]]:
     return json.loads(RAW.read_text()) if RAW.exists() else {}
 
@@ -126,7 +172,9 @@ def key_of(r: dict[str, Any]) -> str:
 
 def summarize(raw: dict[str, dict[str, Any]]) -> str:
     groups: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {}
-    for r in raw.values():
+    for k, r in raw.items():
+        if k == "rank-probe":
+            continue
         groups.setdefault((r["benchmark"], r["tasks"], r["steps"], r["variant"]), []).append(r)
     order = list(VARIANTS)
     out = []
@@ -157,8 +205,16 @@ def summarize(raw: dict[str, dict[str, Any]]) -> str:
             out.append(f"### {BENCHMARKS[bench]['title']}: {tasks_n} tasks x {steps} steps\n\n"
                        + table(["variant", "target", "stored params", "stored / one target",
                                 "CL1 mean acc (%)", "vs independent (points)", "BWT (points)",
-                                "seeds", "train min / run"], rows))
+                                "seeds", "train min / run (wall)"], rows))
     legend = "\n".join(f"- `{k}`: {d}" for k, (d, _) in VARIANTS.items())
+    if "rank-probe" in raw:
+        probe = raw["rank-probe"]
+        out.append(
+            "### Private numbers per task (`--rank-probe`)\n\nOne Fashion-MNIST task, MLP "
+            f"100-100 with a rank-r first layer `A B` (A fixed random, only B learned), "
+            f"{probe['steps']} steps, seed 0; rank 100 is the plain network.\n\n"
+            + table(["rank r", "private first-layer numbers (784 r)", "test acc (%)"],
+                    probe["rows"]))
     return (
         "## Capacity: compressive hypernetworks vs one network per task "
         "(`benchmarks/bench_capacity.py`)\n\n"
@@ -169,7 +225,8 @@ def summarize(raw: dict[str, dict[str, Any]]) -> str:
         "0.05 (PFMNIST) / 0.01 (SplitMNIST) unless the variant says otherwise. "
         "Stored = everything the checkpoint keeps (shared weights, chunk embeddings, every "
         "task's embedding row with its per-chunk codes, per-task buffers). Mean ± std over "
-        f"seeds (population std). Machine: {machine()}.\n\n"
+        f"seeds (population std). Machine: {machine()}; wall times come from a machine shared "
+        "with other jobs (2-5x swings), so compare them only roughly.\n\n"
         + legend + "\n\n" + "\n".join(out)
     )
 
@@ -187,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rank-probe", action="store_true",
+                    help="also measure a task's accuracy against the rank of its first layer")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = BENCHMARKS[args.benchmark]
@@ -211,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
                     raw[key_of(r)] = r
                     RAW.parent.mkdir(parents=True, exist_ok=True)
                     RAW.write_text(json.dumps(raw, indent=None))
+    if args.rank_probe:
+        raw["rank-probe"] = {"rows": rank_probe([4, 8, 16, 32, 100], steps, 0), "steps": steps}
+        RAW.write_text(json.dumps(raw, indent=None))
     body = summarize(raw)
     if not args.no_write and not args.quick:
         write_section("capacity", body)
