@@ -29,6 +29,11 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
      ["--benchmark", "permuted-fmnist"]),
     ("cl3-grid", "benchmarks.bench_cl3_grid", []),
     ("repro-long", "benchmarks.bench_repro_long", []),
+    # cached per run in docs/img/capacity.json: a rerun only trains what is missing
+    ("capacity-splitmnist", "benchmarks.bench_capacity",
+     ["--benchmark", "splitmnist", "--variants", "independent", "flat-1500",
+      "--seeds", "0", "1", "2"]),
+    ("capacity-pfmnist10", "benchmarks.bench_capacity", ["--benchmark", "pfmnist10"]),
     ("load-test", "benchmarks.load_test", []),
     ("hostile-clients", "benchmarks.hostile_clients", []),
 ]

@@ -267,7 +267,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
     expected = {
         HNET_PREFIX + n: tuple(p.shape) for n, p in probe.hypernet.named_parameters()
     }
-    expected[EMBEDDINGS_KEY] = (len(registry), man.hypernet.task_emb_dim)
+    expected[EMBEDDINGS_KEY] = (len(registry), probe.hypernet.emb_dim)
     for task in registry.names:
         for bname, shape in probe.target.buffer_shapes.items():
             expected[f"{BUFFER_PREFIX}{task}/{bname}"] = shape

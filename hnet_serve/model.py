@@ -33,7 +33,8 @@ class HNetModel:
         self.hypernet_config = hypernet_config
         self.target: TargetNet = build_target(target_config)
         self.target.eval()
-        self.hypernet = HyperNetwork(hypernet_config, self.target.n_params)
+        self.hypernet = HyperNetwork(hypernet_config, self.target.n_params,
+                                     list(self.target.param_shapes.values()))
         self.registry = TaskRegistry()
         # Per-task state that is not generated: batch-norm running statistics.
         self.task_buffers: dict[str, dict[str, torch.Tensor]] = {}
@@ -111,6 +112,6 @@ class HNetModel:
             "hypernet": self.hypernet_config.model_dump(mode="json"),
             "target_params": self.target.n_params,
             "hypernet_params": self.hypernet.n_shared,
-            "embedding_params": self.hypernet.num_tasks * self.hypernet_config.task_emb_dim,
+            "embedding_params": self.hypernet.num_tasks * self.hypernet.emb_dim,
             "compression_ratio": self.hypernet.compression_ratio(),
         }

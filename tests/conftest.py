@@ -19,12 +19,15 @@ def tiny_mlp_model(
     kind: str = "chunked",
     chunk_size: int = 50,
     seed: int = 0,
+    layout: str = "flat",
+    task_chunk_emb_dim: int = 0,
 ) -> HNetModel:
     """A small MLP target with a chunked (truncated last chunk) or full hypernetwork."""
     model = HNetModel(
         MLPConfig(input_shape=(input_size,), hidden=list(hidden), num_classes=num_classes),
         HypernetConfig(kind=kind, hidden=[10, 10], task_emb_dim=6, chunk_emb_dim=4,
-                       chunk_size=chunk_size),
+                       chunk_size=chunk_size, layout=layout,
+                       task_chunk_emb_dim=task_chunk_emb_dim),
         seed=seed,
     )
     for i in range(n_tasks):
@@ -32,13 +35,19 @@ def tiny_mlp_model(
     return model
 
 
-def tiny_resnet_model(n_tasks: int = 2, *, seed: int = 0) -> HNetModel:
+def tiny_columns_model(n_tasks: int = 3, *, seed: int = 0) -> HNetModel:
+    """The tiny MLP with a column-chunked hypernetwork and per-task chunk codes."""
+    return tiny_mlp_model(n_tasks, layout="columns", task_chunk_emb_dim=2, seed=seed)
+
+
+def tiny_resnet_model(n_tasks: int = 2, *, seed: int = 0, layout: str = "flat") -> HNetModel:
     """ResNet-8 on 3x8x8 images: the same code path as ResNet-32, small enough for tests."""
     model = HNetModel(
         ResNetConfig(input_shape=(3, 8, 8), num_classes=4, blocks_per_stage=1, width=4,
                      input_mean=[0.5, 0.5, 0.5], input_std=[0.25, 0.25, 0.25]),
         HypernetConfig(kind="chunked", hidden=[8], task_emb_dim=5, chunk_emb_dim=3,
-                       chunk_size=300),
+                       chunk_size=300, layout=layout,
+                       task_chunk_emb_dim=2 if layout == "columns" else 0),
         seed=seed,
     )
     for i in range(n_tasks):

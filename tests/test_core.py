@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -10,8 +12,9 @@ from hnet_serve.errors import InputError, TaskExistsError, UnknownTaskError
 from hnet_serve.hypernet import HypernetConfig, HyperNetwork
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import TaskRegistry, validate_task_name
+from hnet_serve.storage import stored_params
 from hnet_serve.targets import MLPConfig, MLPTarget, ResNetConfig, ResNetTarget
-from tests.conftest import tiny_mlp_model, tiny_resnet_model
+from tests.conftest import tiny_columns_model, tiny_mlp_model, tiny_resnet_model
 
 
 # -- parameter counts against hand computation -------------------------------------------
@@ -329,3 +332,111 @@ def test_mlp_forward_one_matches_the_module(use_bias):
             served = target.to_serving_layout(flat)
             torch.testing.assert_close(target.forward_one(served, x, head=head, transposed=True),
                                        want)
+
+
+# -- column layout and task-conditioned chunk embeddings --------------------------------------
+@pytest.mark.parametrize("factory", [tiny_columns_model,
+                                     lambda: tiny_resnet_model(layout="columns")])
+def test_columns_layout_places_every_column(factory):
+    """Chunk j of a weight (out, in, *k) is its column W[:, j] from the tensor's own output
+    layer, scaled by 1/sqrt(in * prod(k)); a bias is one chunk scaled like its weight."""
+    model = factory()
+    hn = model.hypernet
+    shapes = list(model.target.param_shapes.values())
+    assert hn.num_chunks == sum(s[1] if len(s) >= 2 else 1 for s in shapes)
+    assert hn.head is None and len(hn.heads) == len(shapes)
+    with torch.no_grad():
+        emb = hn.embeddings()  # (K, E)
+        feats = hn.features(emb)[1]  # (C, d) task 1
+        params = model.target.unflatten(hn(emb)[1])  # task 1's tensors
+    chunk, scale = 0, 1.0
+    for layer, (name, shape) in zip(hn.heads, model.target.param_shapes.items()):
+        w = params[name]
+        if len(shape) >= 2:
+            scale = 1 / math.sqrt(math.prod(shape[1:]))
+            for j in range(shape[1]):
+                torch.testing.assert_close(w[:, j].reshape(-1), scale * layer(feats[chunk]))
+                chunk += 1
+        else:
+            torch.testing.assert_close(w, scale * layer(feats[chunk]))
+            chunk += 1
+    assert chunk == hn.num_chunks
+
+
+@pytest.mark.parametrize("factory", [tiny_columns_model,
+                                     lambda: tiny_mlp_model(5, task_chunk_emb_dim=3)])
+def test_task_chunk_codes_batched_equals_single(factory):
+    model = factory()
+    hn = model.hypernet
+    cfg = hn.config
+    assert hn.emb_dim == cfg.task_emb_dim + hn.num_chunks * cfg.task_chunk_emb_dim
+    assert hn.task_embs[0].shape == (hn.emb_dim,)
+    with torch.no_grad():
+        batched = model.generate(model.task_names)
+        for k, name in enumerate(model.task_names):
+            torch.testing.assert_close(batched[k], model.generate([name])[0], rtol=1e-5, atol=1e-6)
+        # a task's per-chunk codes are its own: changing task 0's codes moves only task 0
+        hn.task_embs[0][cfg.task_emb_dim:].add_(1.0)
+        after = model.generate(model.task_names)
+    assert not torch.allclose(after[0], batched[0])
+    torch.testing.assert_close(after[1:], batched[1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("factory", [tiny_mlp_model, tiny_columns_model, tiny_resnet_model])
+def test_stored_params_count_every_stored_tensor(factory):
+    model = factory()
+    hn = model.hypernet
+    shared = sum(p.numel() for p in hn.shared_parameters())
+    embs = sum(p.numel() for p in hn.task_embs)
+    buffers = sum(b.numel() for t in model.task_buffers.values() for b in t.values())
+    stored = stored_params(model)  # what the checkpoint writes (tests/test_storage.py)
+    assert stored.total - stored.normalization == shared + embs + buffers == hn.n_stored + buffers
+    assert hn.n_stored == hn.n_shared + hn.num_tasks * hn.emb_dim
+    if factory is tiny_resnet_model:
+        assert buffers > 0  # per-task batch-norm statistics are stored, so counted
+
+
+def test_default_config_keeps_the_old_parameter_names():
+    """Checkpoints written before the new options load: same tensors, same names."""
+    hn = tiny_mlp_model().hypernet
+    assert sorted(n for n, _ in hn.named_parameters() if not n.startswith("task_embs")) == [
+        "chunk_embs", "head.bias", "head.weight", "hidden.0.bias", "hidden.0.weight",
+        "in_chunk.weight", "in_task.bias", "in_task.weight"]
+    assert hn.emb_dim == hn.config.task_emb_dim
+
+
+def test_new_options_need_a_chunked_hypernet():
+    with pytest.raises(ValidationError, match="kind='chunked'"):
+        HypernetConfig(kind="full", layout="columns")
+    with pytest.raises(ValidationError, match="kind='chunked'"):
+        HypernetConfig(kind="full", task_chunk_emb_dim=2)
+    with pytest.raises(InputError, match="param_shapes"):
+        HyperNetwork(HypernetConfig(layout="columns"), 100)
+
+
+# -- sizes from a storage ratio ------------------------------------------------------------
+@pytest.mark.parametrize("n,tasks,ratio,hidden", [
+    (89_610, 10, 1.0, (50, 50)),
+    (89_610, 10, 0.5, (50, 50)),
+    (328_810, 100, 1.0, (60, 60)),
+    (371, 3, 3.0, (10, 10)),
+])
+def test_derive_hypernet_stays_within_the_ratio_and_uses_it(n, tasks, ratio, hidden):
+    from hnet_serve.hypernet import derive_hypernet
+
+    cfg = derive_hypernet(n, tasks, ratio, hidden=hidden)
+    hn = HyperNetwork(cfg, n)
+    for _ in range(tasks):
+        hn.add_task()
+    assert hn.n_stored <= ratio * n  # everything stored, every task embedding included
+    # one more row per chunk would not fit: the budget is used
+    bigger = HyperNetwork(cfg.model_copy(update={"chunk_size": cfg.chunk_size + 1}), n)
+    if cfg.chunk_size < n:
+        assert bigger.n_shared + tasks * cfg.task_emb_dim > ratio * n
+
+
+def test_derive_hypernet_refuses_an_impossible_ratio():
+    from hnet_serve.hypernet import derive_hypernet
+
+    with pytest.raises(InputError, match="cannot be stored"):
+        derive_hypernet(1_000, 10, 0.5)

@@ -59,10 +59,20 @@ CASES = [  # (kind, chunk_size): n_params = 371 for the tiny MLP (12 -> 16 -> 8 
 ]
 
 
-@pytest.mark.parametrize("kind,chunk", CASES)
+# (kind, chunk_size, layout, task_chunk_emb_dim): the column layout groups chunks by their rows
+# (16, 8 and 3 here) and scales them per tensor; task codes make every chunk's input per task.
+CASES_ALL = [(k, c, "flat", 0) for k, c in CASES] + [
+    ("chunked", 50, "flat", 3),
+    ("chunked", 0, "columns", 0),
+    ("chunked", 0, "columns", 2),
+]
+
+
+@pytest.mark.parametrize("kind,chunk,layout,codes", CASES_ALL)
 @pytest.mark.parametrize("lookahead", [False, True])
-def test_gram_equals_explicit_and_direct_generation(kind, chunk, lookahead):
-    model = tiny_mlp_model(4, kind=kind, chunk_size=chunk)
+def test_gram_equals_explicit_and_direct_generation(kind, chunk, layout, codes, lookahead):
+    model = tiny_mlp_model(4, kind=kind, chunk_size=chunk or 50, layout=layout,
+                           task_chunk_emb_dim=codes)
     hn = model.hypernet
     frozen = copy.deepcopy(hn)
     snap = make_snapshot(hn, OLD)
@@ -80,9 +90,10 @@ def test_gram_equals_explicit_and_direct_generation(kind, chunk, lookahead):
         assert rel_err(grads(hn, value), g_ref) < 1e-4, method
 
 
-@pytest.mark.parametrize("kind,chunk", CASES[:2])
-def test_trained_old_embeddings_get_equal_gradients(kind, chunk):
-    model = tiny_mlp_model(4, kind=kind, chunk_size=chunk)
+@pytest.mark.parametrize("kind,chunk,layout,codes", [*CASES_ALL[:2], CASES_ALL[-1]])
+def test_trained_old_embeddings_get_equal_gradients(kind, chunk, layout, codes):
+    model = tiny_mlp_model(4, kind=kind, chunk_size=chunk or 50, layout=layout,
+                           task_chunk_emb_dim=codes)
     hn = model.hypernet
     frozen = copy.deepcopy(hn)
     snap = make_snapshot(hn, OLD)

@@ -16,12 +16,18 @@ Only (d+1)x(d+1) matrices touch the big output layer (d = last hidden width), so
 costs O(chunk_size·d²) + O(pairs·d²) instead of the *explicit form*'s O(pairs·chunk_size·d),
 and no old targets are stored: the snapshot keeps W* and the (K, C, d+1) activations a*.
 Writing the residual as W*δ + Dã (never expanding ||Ŵã||² - 2... + ||W*ã*||²) keeps it free of
-cancellation, and it is exactly zero when Θ equals the snapshot. The truncated last chunk uses
-Gram matrices over its first ``rows_last`` rows only.
+cancellation, and it is exactly zero when Θ equals the snapshot. A chunk that uses only the
+first r rows of the output layer (the truncated last chunk; in the column layout every tensor
+with fewer rows than the widest) uses Gram matrices over those rows: chunks are grouped by r,
+and the matrices of r_1 < r_2 < ... are accumulated over consecutive row blocks, so the cost
+stays O(S·d²) however many groups there are. A chunk whose output the hypernetwork scales by
+a fixed s (column layout) contributes s² times its term: the form is quadratic in (δ, ã), so
+its rows of δ and ã are scaled by s.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,17 +45,24 @@ MAX_CACHED_TARGETS = 1 << 25
 
 
 @dataclass(frozen=True)
+class HeadSnapshot:
+    """One frozen output layer and the chunk groups that use it."""
+
+    head: torch.Tensor  # (S, d+1) [W* | b*]
+    groups: tuple[tuple[int, int, int], ...]  # (rows r, first chunk, end chunk), r ascending
+    grams: tuple[torch.Tensor, ...]  # per group: (d+1, d+1) G* over rows [0, r)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What the regularizer needs of the frozen hypernetwork Θ* and the old tasks."""
 
     task_ids: tuple[int, ...]  # embedding rows covered, in order
     embeddings: torch.Tensor  # (K, E) the old tasks' embeddings when frozen
     features: torch.Tensor  # (K, C, d+1) a*: last hidden activation with a constant-1 column
-    head: torch.Tensor  # (S, d+1) [W* | b*]
-    gram_head: torch.Tensor  # (d+1, d+1) G* over rows [0, rows_last)
-    gram_tail: torch.Tensor  # (d+1, d+1) G* over rows [rows_last, S) (zeros if not truncated)
+    heads: tuple[HeadSnapshot, ...]  # one per output layer of the hypernetwork
     n_params: int
-    rows_last: int  # rows of the output layer used by the last (truncated) chunk
+    scale: torch.Tensor | None  # (C,) fixed factor on each chunk's output; None: all 1
     targets: torch.Tensor | None = None  # (K, n) f_h(e_t, Θ*), kept when small (explicit form)
 
     @property
@@ -81,8 +94,12 @@ def make_snapshot(
         raise InputError("a regularizer snapshot needs at least one old task")
     emb = hnet.embeddings(task_ids).detach().clone()  # (K, E)
     feats = _augment(hnet.features(emb))  # (K, C, d+1)
-    head = _head_matrix(hnet.head.weight, hnet.head.bias).detach().clone()  # (S, d+1)
-    r = hnet.n_params - (hnet.num_chunks - 1) * hnet.chunk_size
+    heads = []
+    for i, layer in enumerate(hnet.output_layers):
+        head = _head_matrix(layer.weight, layer.bias).detach().clone()  # (S, d+1)
+        groups = tuple(sorted((r, a, b) for h, r, a, b in hnet.chunk_groups if h == i))
+        heads.append(HeadSnapshot(head, groups, tuple(head[:r].T @ head[:r]
+                                                      for r, _, _ in groups)))
     targets = None
     if len(task_ids) * hnet.n_params <= max_cached_targets:
         targets = hnet.project(hnet.features(emb)).detach().clone()  # (K, n)
@@ -90,11 +107,9 @@ def make_snapshot(
         task_ids=tuple(int(i) for i in task_ids),
         embeddings=emb,
         features=feats.expand(len(task_ids), hnet.num_chunks, -1).clone(),
-        head=head,
-        gram_head=head[:r].T @ head[:r],
-        gram_tail=head[r:].T @ head[r:],
+        heads=tuple(heads),
         n_params=hnet.n_params,
-        rows_last=r,
+        scale=None if bool((hnet.chunk_scale == 1).all()) else hnet.chunk_scale.clone(),
         targets=targets,
     )
 
@@ -112,21 +127,23 @@ class _Features(nn.Module):
 
 def current_outputs(
     hnet: HyperNetwork, emb: torch.Tensor, delta: dict[str, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activations ``(K, C, d)``, output weight ``(S, d)`` and bias ``(S,)`` at Θ (+ ΔΘ).
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Activations ``(K, C, d)`` and every output layer's ``(weight (S, d), bias (S,))`` at
+    Θ (+ ΔΘ).
 
     ``delta`` maps parameter names of ``hnet`` (as in ``named_parameters``) to changes; names
     that are missing stay unchanged.
     """
+    names = ["head"] if hnet.head is not None else [f"heads.{i}" for i in range(len(hnet.heads))]
+    layers = hnet.output_layers
     if not delta:
-        return hnet.features(emb), hnet.head.weight, hnet.head.bias
+        return hnet.features(emb), [(m.weight, m.bias) for m in layers]
     params = {
         f"hnet.{n}": p + delta[n] for n, p in hnet.named_parameters() if n in delta
     }
     feats = functional_call(_Features(hnet), params, (emb,))
-    weight = hnet.head.weight + delta.get("head.weight", 0)
-    bias = hnet.head.bias + delta.get("head.bias", 0)
-    return feats, weight, bias
+    return feats, [(m.weight + delta.get(f"{n}.weight", 0), m.bias + delta.get(f"{n}.bias", 0))
+                   for n, m in zip(names, layers)]
 
 
 def choose_method(pairs: int, width: int, cached_targets: bool = False
@@ -147,47 +164,49 @@ def _quad_sum(
     return ((dlt @ g) * dlt).sum() + 2 * ((dlt @ m) * a).sum() + ((a @ n) * a).sum()
 
 
-def _gram_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    r = snap.rows_last
-    rows = w.shape[0]
-    # One split (its backward is a single concatenation) rather than slices, whose backward
-    # zero-fills and copies the whole (S, d+1) gradient once per slice.
-    d_head, d_tail = torch.split(w - snap.head, [r, rows - r])  # D = Ŵ - W*, (S, d+1)
-    w_head, w_tail = torch.split(snap.head, [r, rows - r])
-    m_head = w_head.T @ d_head  # (d+1, d+1) W*ᵀ D over the last chunk's rows
-    n_head = d_head.T @ d_head
+def _gram_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor,
+              heads: list[torch.Tensor]) -> torch.Tensor:
+    """Σ over (task, chunk) pairs of ||Ŵ ã - W* ã*||² restricted to each chunk's rows, output
+    layer by output layer; ``heads``: the current ``[W | b]`` of each ``(S, d+1)``."""
     dlt = a - a_star  # (K, C, d+1)
+    if snap.scale is not None:  # the form is quadratic in (δ, ã): scale both by s
+        s = snap.scale.view(1, -1, 1)
+        dlt, a = dlt * s, a * s
     width = a.shape[-1]
-    # The last chunk keeps only its first r rows.
-    total = _quad_sum(snap.gram_head, m_head, n_head,
-                      dlt[:, -1].reshape(-1, width), a[:, -1].reshape(-1, width))
-    if snap.num_chunks > 1:
-        m_full = m_head + w_tail.T @ d_tail
-        n_full = n_head + d_tail.T @ d_tail
-        g_full = snap.gram_head + snap.gram_tail
-        total = total + _quad_sum(g_full, m_full, n_full,
-                                  dlt[:, :-1].reshape(-1, width), a[:, :-1].reshape(-1, width))
+    total = a.new_zeros(())
+    for hs, w in zip(snap.heads, heads):
+        bounds = [0, *dict.fromkeys(r for r, _, _ in hs.groups)]
+        sizes = [y - x for x, y in itertools.pairwise(bounds)] + [w.shape[0] - bounds[-1]]
+        # One split (its backward is a single concatenation) rather than slices, whose
+        # backward zero-fills and copies the whole (S, d+1) gradient once per slice.
+        d_parts = torch.split(w - hs.head, sizes)  # D = Ŵ - W*, row blocks
+        w_parts = torch.split(hs.head, sizes)
+        m = n = None
+        block = 0
+        for (rows, first, end), gram in zip(hs.groups, hs.grams):
+            # W*ᵀ D and Dᵀ D over rows [0, r), accumulated block by block as r grows
+            while bounds[block] < rows:
+                m_b = w_parts[block].T @ d_parts[block]  # (d+1, d+1)
+                n_b = d_parts[block].T @ d_parts[block]
+                m = m_b if m is None else m + m_b
+                n = n_b if n is None else n + n_b
+                block += 1
+            dl, aa = dlt[:, first:end], a[:, first:end]
+            total = total + _quad_sum(gram, m, n, dl.reshape(-1, width), aa.reshape(-1, width))
     return total
 
 
-def _project(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_params: int
-             ) -> torch.Tensor:
-    """Flat weights from activations ``(K, C, d)`` and the output layer: ``(K, n)``."""
-    k, c, d = feats.shape
-    out = torch.addmm(bias, feats.reshape(k * c, d), weight.T)  # (K*C, S)
-    return out.reshape(k, -1)[:, :n_params]  # (K, C*S) -> (K, n)
-
-
 def _explicit_sum(
-    snap: Snapshot, feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    a_star: torch.Tensor, targets: torch.Tensor | None,
+    hnet: HyperNetwork, snap: Snapshot, feats: torch.Tensor,
+    layers: list[tuple[torch.Tensor, torch.Tensor]], a_star: torch.Tensor,
+    targets: torch.Tensor | None,
 ) -> torch.Tensor:
     if targets is None:
         with torch.no_grad():
-            d = weight.shape[1]
-            targets = _project(a_star[..., :d], snap.head[:, :d], snap.head[:, d],
-                               snap.n_params)  # (K, n)
-    return (_project(feats, weight, bias, snap.n_params) - targets).pow(2).sum()
+            d = feats.shape[-1]
+            frozen = [(hs.head[:, :d], hs.head[:, d]) for hs in snap.heads]
+            targets = hnet.project(a_star[..., :d], frozen)  # (K, n)
+    return (hnet.project(feats, layers) - targets).pow(2).sum()
 
 
 def output_regularizer(
@@ -207,7 +226,8 @@ def output_regularizer(
     snapshot's tasks to regularize this step (default: all). ``method``: ``gram``,
     ``explicit`` (the reference) or ``auto`` (the cheaper of the two).
     """
-    if snapshot.n_params != hnet.n_params or snapshot.head.shape[0] != hnet.chunk_size:
+    if snapshot.n_params != hnet.n_params or [h.head.shape[0] for h in snapshot.heads] != [
+            m.weight.shape[0] for m in hnet.output_layers]:
         raise InputError("the snapshot was taken from a hypernetwork of a different shape")
     emb = snapshot.embeddings if embeddings is None else embeddings
     if emb.shape != snapshot.embeddings.shape:
@@ -222,13 +242,14 @@ def output_regularizer(
         emb, a_star = emb[idx], a_star[idx]
         targets = targets[idx] if targets is not None else None
     k = emb.shape[0]
-    feats, weight, bias = current_outputs(hnet, emb, delta)
+    feats, layers = current_outputs(hnet, emb, delta)
     if method == "auto":
         method = choose_method(k * snapshot.num_chunks, feats.shape[-1] + 1, targets is not None)
     if method == "gram":
-        total = _gram_sum(snapshot, _augment(feats), a_star, _head_matrix(weight, bias))
+        total = _gram_sum(snapshot, _augment(feats), a_star,
+                          [_head_matrix(w, b) for w, b in layers])
     elif method == "explicit":
-        total = _explicit_sum(snapshot, feats, weight, bias, a_star, targets)
+        total = _explicit_sum(hnet, snapshot, feats, layers, a_star, targets)
     else:
         raise ConfigError(f"unknown regularizer method {method!r} (auto, gram or explicit)")
     return total / k
