@@ -18,6 +18,7 @@ import time
 SCRIPTS: list[tuple[str, str, list[str]]] = [
     ("generation", "benchmarks.bench_generation", []),
     ("training", "benchmarks.bench_training", []),
+    ("training-default", "benchmarks.bench_default_training", []),
     ("export", "benchmarks.bench_export", []),
     ("serving", "benchmarks.bench_serving", []),
     ("protocols", "benchmarks.bench_protocols", []),

@@ -100,6 +100,8 @@ def train_tasks(
     method = make_method(config, tasks)
     model = getattr(method, "model", None)
     if isinstance(model, HNetModel):
+        # The saved config names the architecture actually built (a derived chunk size too).
+        config = config.model_copy(update={"hypernet": model.hypernet_config})
         model.meta.update(
             benchmark=config.benchmark, dataset=config.dataset, data_dir=config.data_dir,
             seed=config.seed, tasks=len(tasks), method=config.method,

@@ -167,7 +167,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.config, benchmark=args.benchmark, dataset=args.dataset, tasks=args.tasks,
         data_dir=args.data_dir, data_files=files or None, data_names=names or None,
         pad=args.pad, first_identity=args.first_identity, multi_head=args.multi_head,
-        method=args.method, target=target, hypernet=hnet, **_training_overrides(args),
+        method=args.method, target=target, hypernet=hnet, compression=args.compression,
+        planned_tasks=args.planned_tasks, **_training_overrides(args),
     )
     if config.benchmark == "custom" and args.tasks is not None:
         raise ConfigError("--tasks does not apply to --benchmark custom: it trains one task per "
@@ -333,9 +334,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--target-hidden", type=_int_list, metavar="H1,H2", help="MLP hidden sizes")
     g.add_argument("--hnet-kind", choices=["full", "chunked"])
     g.add_argument("--hnet-hidden", type=_int_list, metavar="H1,H2")
-    g.add_argument("--chunk-size", type=int)
+    g.add_argument("--chunk-size", type=int,
+                   help="chunk size (default: derived from --compression)")
     g.add_argument("--task-emb-dim", type=int)
     g.add_argument("--chunk-emb-dim", type=int)
+    g.add_argument("--compression", type=float, metavar="R",
+                   help="stored size (every weight the checkpoint keeps) as a fraction of one "
+                        "target network for the planned tasks, at most 1.0 (default 1.0); "
+                        "the chunk size is derived from it unless --chunk-size is given")
+    g.add_argument("--planned-tasks", type=int, metavar="N",
+                   help="tasks the checkpoint should hold within --compression, add-task's "
+                        "later ones included (default: the tasks of this run)")
     _add_training_flags(p)
     p.add_argument("--report-dir", help="where results.json and the PNGs go (default OUT-report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

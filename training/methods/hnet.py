@@ -4,6 +4,7 @@ regularizer on every old task (:class:`HNetMethod`), and the model it trains (:f
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from hnet_serve.errors import ConfigError, InputError
+from hnet_serve.hypernet import HypernetConfig, derive_hypernet
 from hnet_serve.model import HNetModel
-from hnet_serve.targets import MLPConfig, ResNetConfig
+from hnet_serve.targets import MLPConfig, ResNetConfig, build_target
 from hnet_serve.training.config import TrainConfig
 from hnet_serve.training.data import TaskData, input_stats
 from hnet_serve.training.evaluate import Predict, predictor
@@ -44,10 +46,40 @@ def target_config_for(config: TrainConfig, tasks: list[TaskData]) -> MLPConfig |
         raise ConfigError(f"target network does not fit the data: {exc.errors()[0]['msg']}") from None
 
 
+def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
+                        num_tasks: int) -> HypernetConfig:
+    """``config.hypernet``, with its chunk size derived from ``config.compression`` for
+    ``config.planned_tasks`` (default ``num_tasks``) tasks unless a chunk size was given (or
+    the hypernetwork is not a flat chunked one): the stored size stays within that fraction of
+    one ``target`` network (:func:`~hnet_serve.hypernet.derive_hypernet`)."""
+    hn = config.hypernet
+    if (config.compression is None or hn.kind != "chunked" or hn.layout != "flat"
+            or "chunk_size" in hn.model_fields_set):
+        return hn
+    with torch.device("meta"):  # only the parameter count: allocate nothing
+        n_params = build_target(target).n_params
+    try:
+        derived = derive_hypernet(n_params, config.planned_tasks or num_tasks,
+                                  config.compression, hidden=hn.hidden,
+                                  task_emb_dim=hn.task_emb_dim, chunk_emb_dim=hn.chunk_emb_dim)
+    except InputError as exc:
+        if "compression" in config.model_fields_set:
+            raise  # asked for: an error, not a larger checkpoint
+        # The default cannot be met: a target this small is smaller than any hypernetwork
+        # (its embeddings and input layer alone), so it gets one, not compressive, and is told.
+        warnings.warn(f"no compressive hypernetwork fits this target: {exc}; training a "
+                      "non-compressive one (`hnet-serve info` shows its stored size)",
+                      stacklevel=2)
+        return hn
+    return hn.model_copy(update={"chunk_size": derived.chunk_size})
+
+
 def build_model(config: TrainConfig, tasks: list[TaskData], meta: dict[str, Any] | None = None
                 ) -> HNetModel:
-    """A fresh (task-less) model sized for ``tasks`` (see :func:`target_config_for`)."""
-    return HNetModel(target_config_for(config, tasks), config.hypernet, seed=config.seed,
+    """A fresh (task-less) model sized for ``tasks`` (see :func:`target_config_for` and
+    :func:`hypernet_config_for`)."""
+    target = target_config_for(config, tasks)
+    return HNetModel(target, hypernet_config_for(config, target, len(tasks)), seed=config.seed,
                      meta=meta)
 
 

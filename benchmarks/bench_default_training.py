@@ -1,0 +1,104 @@
+"""Training step time of the compressive default (issue 15) against the default it replaced.
+
+    python -m benchmarks.bench_default_training [--quick] [--threads N]
+
+Permuted-MNIST preset, target MLP 784-100-100-10 (89,610 weights), synthetic inputs (timing
+only), one full step (task loss, regularizer over every old task, backward, Adam):
+
+1. **Task 10** (9 old tasks): the previous default hypernetwork of this preset (hidden 50-50,
+   chunk 30,000, embeddings 32/32: 17x one target) against today's (``--compression 1.0`` for
+   10 tasks: hidden 50-50, embeddings 24/8, the derived chunk size). Goal: <= 1.5x.
+2. **Long sequences**: today's default sized for 100 planned tasks, task 2 against task 100
+   (every old task regularized every step). Goal (the Gram form's flat cost): <= 1.25x.
+
+Rounds are interleaved (``bench_training.interleaved``); the table reports the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks._report import machine, table, write_section
+from benchmarks.bench_training import interleaved
+from hnet_serve.storage import stored_params
+from hnet_serve.training.config import build_config
+from hnet_serve.training.data import TaskData
+from hnet_serve.training.loop import batches
+from hnet_serve.training.methods.hnet import HNetMethod, build_model
+
+PREVIOUS = {"hidden": [50, 50], "chunk_size": 30_000, "task_emb_dim": 32, "chunk_emb_dim": 32}
+
+
+def task(name: str, seed: int, n: int = 1024) -> TaskData:
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 784), dtype=np.float32)
+    y = rng.integers(0, 10, n)
+    return TaskData(name, x, y, x[:128], y[:128], num_classes=10)
+
+
+def stepper(n_old: int, **overrides: Any) -> tuple[Callable[[], None], HNetMethod]:
+    """A step function while training task ``n_old + 1`` of the permuted-mnist preset."""
+    config = build_config(benchmark="permuted-mnist", **overrides)
+    new = task("new", 0)
+    model = build_model(config, [new])
+    for i in range(n_old):  # old tasks: only their embeddings matter for the step cost
+        model.add_task(f"old-{i}", num_classes=10)
+    method = HNetMethod(model, config)
+    method.begin_task(n_old, new)
+    data = batches(new.x_train, new.y_train, config.batch_size, 10**9, 0)
+    return (lambda: method.train_step(*next(data))), method
+
+
+def describe(method: HNetMethod, tasks: int) -> str:
+    hn = method.model.hypernet_config
+    s = stored_params(method.model)
+    ratio = (s.total - s.task_embeddings + tasks * method.model.hypernet.emb_dim) / s.target
+    return (f"hidden {'-'.join(map(str, hn.hidden))}, chunk {hn.chunk_size:,}, embeddings "
+            f"{hn.task_emb_dim}/{hn.chunk_emb_dim} ({ratio:.2f}x for {tasks} tasks)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps, 20 instead of 100 tasks")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    repeat, rounds = (3, 2) if args.quick else (6, 5)
+    long_tasks = 20 if args.quick else 100
+
+    old_step, old = stepper(9, hypernet=PREVIOUS, compression=None)
+    new_step, new = stepper(9, planned_tasks=10)
+    t = interleaved({"previous": old_step, "today": new_step}, repeat, rounds)
+    rows = [["previous default", describe(old, 10), f"{t['previous'] * 1e3:.1f}", "1.00x"],
+            ["today's default", describe(new, 10), f"{t['today'] * 1e3:.1f}",
+             f"{t['today'] / t['previous']:.2f}x"]]
+    del old_step, new_step, old, new
+
+    first, _ = stepper(1, planned_tasks=long_tasks)
+    last, m = stepper(long_tasks - 1, planned_tasks=long_tasks)
+    lt = interleaved({"first": first, "last": last}, repeat, rounds)
+    text = (
+        "## Training speed of the default (`benchmarks/bench_default_training.py`)\n\n"
+        "Permuted-MNIST preset, target MLP 784-100-100-10, batch 128, synthetic inputs; one "
+        f"full step; rounds interleaved, median of {repeat * rounds} steps"
+        f"{' (quick run)' if args.quick else ''}. Machine: {machine()}.\n\n"
+        "**Task 10 (9 old tasks)**, ms per step. Goal: today's default <= 1.5x the previous.\n\n"
+        + table(["hypernetwork", "sizes", "ms / step", "vs previous"], rows)
+        + f"\n**Long sequences**: today's default sized for {long_tasks} planned tasks "
+        f"({describe(m, long_tasks)}), every old task regularized. Goal: <= 1.25x.\n\n"
+        + table(["task 2 (ms)", f"task {long_tasks} (ms)", "ratio"],
+                [[f"{lt['first'] * 1e3:.1f}", f"{lt['last'] * 1e3:.1f}",
+                  f"{lt['last'] / lt['first']:.2f}x"]])
+    )
+    print(text)
+    write_section("training-speed-default", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Compressive by default (issue 15): the chunk size is derived from --compression (the stored
+size as a fraction of one target network for the planned tasks); explicit sizes override."""
+
+from __future__ import annotations
+
+import pytest
+
+from hnet_serve.checkpoint import load_checkpoint
+from hnet_serve.storage import stored_params
+from tests.test_training_cli import run, run_json
+
+FAST = ["--benchmark", "split-mnist", "--dataset", "mnist5k", "--tasks", "2",
+        "--iterations", "15", "--no-progress", "--threads", "1"]
+
+
+def test_default_training_is_compressive_and_says_so(capsys, tmp_path):
+    out = tmp_path / "ck"
+    summary = run_json(capsys, "train", *FAST, "--out", out, "--json")
+    model = load_checkpoint(out)
+    stored = stored_params(model)
+    assert summary["stored_ratio"] == pytest.approx(stored.ratio)
+    assert 0.9 < stored.ratio <= 1.0  # the budget is used, and never exceeded
+    assert summary["stored"]["summary"].startswith(f"stores {stored.ratio:.2f}x one target")
+    saved = model.meta["train_config"]["hypernet"]
+    assert saved["chunk_size"] == model.hypernet_config.chunk_size  # the derived size is saved
+    assert 0.5 < summary["accuracy"]["split-mnist-0"] <= 1.0
+    code, text, _ = run(capsys, "train", *FAST, "--out", tmp_path / "ck2")
+    assert code == 0 and "checkpoint stores" in text and "2 separate networks" in text
+
+
+def test_compression_and_planned_tasks_set_the_budget(capsys, tmp_path):
+    run_json(capsys, "train", *FAST, "--compression", "0.5", "--out", tmp_path / "half", "--json")
+    half = stored_params(load_checkpoint(tmp_path / "half"))
+    assert 0.4 < half.ratio <= 0.5
+    run_json(capsys, "train", *FAST, "--planned-tasks", "10", "--out", tmp_path / "ten",
+             "--json")
+    ten = load_checkpoint(tmp_path / "ten")
+    room = stored_params(ten).total + 8 * ten.hypernet_config.task_emb_dim  # 8 more tasks
+    assert room <= ten.target.n_params
+
+
+def test_explicit_sizes_override_and_bad_ratios_are_refused(capsys, tmp_path):
+    run_json(capsys, "train", *FAST, "--chunk-size", "4000", "--out", tmp_path / "x", "--json")
+    assert load_checkpoint(tmp_path / "x").hypernet_config.chunk_size == 4000
+    for bad in ("1.5", "0", "-1"):
+        code, _, err = run(capsys, "train", *FAST, "--compression", bad, "--out", tmp_path / "y")
+        assert code == 1 and "compression" in err and not (tmp_path / "y").exists()
+
+
+def test_a_target_too_small_to_compress(capsys, tmp_path):
+    tiny = [*FAST, "--target-hidden", "2"]
+    code, _, err = run(capsys, "train", *tiny, "--compression", "1.0", "--out", tmp_path / "a")
+    assert code == 1 and "cannot be stored in 1.0x" in err and not (tmp_path / "a").exists()
+    with pytest.warns(UserWarning, match="no compressive hypernetwork fits"):
+        code, _, err = run(capsys, "train", *tiny, "--out", tmp_path / "b")
+    assert code == 0
