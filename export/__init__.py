@@ -1,8 +1,9 @@
 """Export checkpoints to ONNX: per-task models with baked weights, or one dynamic graph.
 
-``export.to_onnx(checkpoint, task, path)``, ``export.export_all(checkpoint, out_dir)`` and
-``export.to_dynamic_onnx(checkpoint, path)``; see :mod:`export.onnx_export` and docs/export.md.
-Attributes are imported on first use, so ``import export`` (and building the CLI) stays light.
+``from hnet_serve import export``, then ``export.to_onnx(checkpoint, task, path)``,
+``export.export_all(checkpoint, out_dir)`` and ``export.to_dynamic_onnx(checkpoint, path)``; see
+:mod:`hnet_serve.export.onnx_export` and docs/export.md. Attributes are imported on first use,
+so importing the package (and building the CLI) stays light.
 """
 
 from __future__ import annotations

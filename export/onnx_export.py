@@ -5,7 +5,7 @@
 * :func:`to_onnx` is the one-task form with a file path of your choice.
 * :func:`to_dynamic_onnx` writes one graph with inputs ``task_index`` and ``input``.
 
-Every file is verified before it is written (:mod:`export.verify`; ``verify=False`` skips it),
+Every file is verified before it is written (:mod:`hnet_serve.export.verify`; ``verify=False`` skips it),
 written to a temporary name in the destination directory, fsynced and renamed into place, so a
 failure never leaves a half-written file and never touches an existing one. ``export_all``
 writes only to a new or empty directory or an export directory (ONNX files only), and builds the

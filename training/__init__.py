@@ -1,6 +1,6 @@
 """Continual training: data, the output regularizer, the trainer, add-task and evaluation.
 
-``training.api`` is the entry point (``train_benchmark``, ``train_tasks``, ``add_task``,
+``hnet_serve.training.api`` is the entry point (``train_benchmark``, ``train_tasks``, ``add_task``,
 ``evaluate_checkpoint``); see docs/training.md. Importing this package stays light: the
 submodules import torch.
 """

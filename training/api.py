@@ -153,7 +153,7 @@ def train_benchmark(
 ) -> tuple[HNetModel, TrainResult]:
     """Build ``benchmark`` on ``dataset`` and train it; see :func:`train_tasks`.
 
-    ``overrides`` are :class:`~training.config.TrainConfig` fields (``beta=``, ``lr=``,
+    ``overrides`` are :class:`~hnet_serve.training.config.TrainConfig` fields (``beta=``, ``lr=``,
     ``batch_size=``, ``target={"hidden": [...]}``, ``hypernet={...}``, ...).
     """
     config = build_config(

@@ -3,7 +3,7 @@
 Each baseline trains a plain target network (the same architecture the hypernetwork generates,
 built from the same data by :func:`~hnet_serve.training.methods.hnet.build_model`) with the same batches,
 iterations, optimizer (a fresh Adam per task) and evaluation, through
-:func:`training.trainer.run_tasks`. Only the parameters and the penalty differ:
+:func:`hnet_serve.training.loop.run_tasks`. Only the parameters and the penalty differ:
 
 * ``finetune``: one network trained on the tasks in sequence, no penalty (the forgetting
   reference);
@@ -18,12 +18,12 @@ iterations, optimizer (a fresh Adam per task) and evaluation, through
 
 The output layout follows ``TrainConfig.multi_head``: one head per task (task-incremental, CL1)
 or one shared output (CL2, and CL3 with the class-incremental labels of
-:func:`training.cl_scenarios.class_incremental`). With a shared head a task trains on its own
+:func:`hnet_serve.training.cl_scenarios.class_incremental`). With a shared head a task trains on its own
 ``num_classes`` leading outputs and is evaluated on every output seen so far (the "expanding
 head" of class-incremental learning).
 
 Importing this module registers the four methods with the trainer, so
-``TrainConfig(method="ewc")`` works with :func:`training.trainer.make_method`;
+``TrainConfig(method="ewc")`` works with :func:`hnet_serve.training.methods.registry.make_method`;
 :func:`train_baseline` is the one-call entry point (``hnet-serve train --method ...``).
 """
 
