@@ -250,3 +250,20 @@ def test_batched_requests_are_not_validated_a_second_time(checkpoint, monkeypatc
     assert calls == []
     np.testing.assert_allclose(got[0].probabilities, want.probabilities, atol=1e-6)
     batcher.close()
+
+
+def test_serve_on_a_busy_port_is_one_line(checkpoint, capsys, monkeypatch, tmp_path):
+    import socket
+
+    from hnet_serve.cli import main
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", str(checkpoint), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip() == f"hnet-serve serve: error: port {port} is in use"
+    assert not (tmp_path / "bentoml").exists()  # refused before importing anything

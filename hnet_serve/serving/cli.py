@@ -9,11 +9,15 @@ interrupted (Ctrl-C / SIGTERM are passed on and the child is waited for).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+
+from hnet_serve.errors import ConfigError
 
 SERVICE = "hnet_serve.serving.service:HNetService"
 
@@ -74,6 +78,19 @@ def serve_env(args: argparse.Namespace, tag: str) -> dict[str, str]:
     return env
 
 
+def check_port_free(host: str, port: int) -> None:
+    """:class:`ConfigError` ``port N is in use`` when nothing can listen on ``host:port``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} is in use") from None
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
 @dataclass
 class Server:
     """A ``bentoml serve`` child process serving an imported checkpoint."""
@@ -93,6 +110,7 @@ def start_server(
     """
     from hnet_serve.serving.store import import_checkpoint
 
+    check_port_free(host, port)  # one line now, not a traceback from the child later
     tag = import_checkpoint(checkpoint)
     opts = args or argparse.Namespace(config=None, backend=None, cache_bytes=None)
     env = serve_env(opts, tag)
