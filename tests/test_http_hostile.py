@@ -288,7 +288,7 @@ def test_random_paths_and_task_names_keep_metrics_and_memory_flat(server):
     assert rss1 - rss0 < 32 * MiB, (rss0 / MiB, rss1 / MiB)
     endpoints = {line.split('endpoint="', 1)[1].split('"', 1)[0]
                  for line in text.splitlines() if 'endpoint="' in line}
-    assert endpoints <= {"other", "/predict", "/tasks", "/livez", "/readyz", "/healthz",
+    assert endpoints <= {"other", "/predict", "/tasks", "/version", "/livez", "/readyz", "/healthz",
                          "/metrics", "/docs.json", "/schema.json", "/", "/static_content"}, endpoints
     tasks = {line.split('task="', 1)[1].split('"', 1)[0]
              for line in text.splitlines() if line.startswith("hnet_requests_total{")}

@@ -316,3 +316,24 @@ def test_bentoml_build_packs_the_checkpoint(checkpoint, bentoml_home, tmp_path):
     assert f"./models/hnet/{version_dir}/checkpoint/manifest.json" in names
     assert f"./models/hnet/{version_dir}/checkpoint/weights.safetensors" in names
     assert bento["labels"]["project"] == "hnet-serve"
+
+
+def test_every_response_names_the_served_version(client, checkpoint):
+    """Issue 18: the checkpoint's content hash is its version: x-hnet-version on /predict (and
+    every other response), GET/POST /version, /tasks and an info metric."""
+    from hnet_serve.checkpoint import checkpoint_hash
+
+    version = checkpoint_hash(checkpoint)
+    r = client.post("/predict", json={"task": "task-0", "inputs": [[0.0] * 12]})
+    assert r.status_code == 200 and r.headers["x-hnet-version"] == version
+    v = client.get("/version")
+    assert v.status_code == 200 and v.headers["x-hnet-version"] == version
+    body = v.json()
+    assert body["version"] == version and body["previous"] is None
+    assert body["tasks"] == [t["name"] for t in client.get("/tasks").json()["tasks"]]
+    assert set(body) == {"version", "previous", "tasks", "loaded_at", "source"}
+    assert client.post("/version", json={}).json() == body
+    assert client.get("/tasks").json()["version"] == version
+    assert f'hnet_checkpoint_info{{version="{version}"}} 1.0' in client.get("/metrics").text
+    assert client.post("/predict", json={"task": "nope", "inputs": [[0.0] * 12]}).headers[
+        "x-hnet-version"] == version

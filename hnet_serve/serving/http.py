@@ -268,3 +268,31 @@ class OpenAPIMiddleware:
             await JSONResponse(openapi_document(self.service))(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class VersionHeaderMiddleware:
+    """``x-hnet-version: <content hash of the served checkpoint>`` on every HTTP response once
+    the checkpoint is loaded, so a client knows which version answered (docs/serving.md)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            version = bentoml.get_current_service().version_header
+        except Exception:  # noqa: BLE001 - no instance yet: no header
+            version = None
+        if version is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_version(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-hnet-version", version)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)

@@ -9,10 +9,11 @@ from typing import Any
 from hnet_serve.serving.runtime import Runtime
 
 
-def metrics_text(runtime: Runtime | None, requests: dict[str, int]) -> str:
-    """Prometheus text for the cache statistics and request counts (prometheus_client)."""
+def metrics_text(runtime: Runtime | None, requests: dict[str, int],
+                 version: str | None = None) -> str:
+    """Prometheus text for the cache statistics, request counts and the served version."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
     class _Collector:
         def collect(self):
@@ -39,6 +40,9 @@ def metrics_text(runtime: Runtime | None, requests: dict[str, int]) -> str:
             yield GaugeMetricFamily(
                 "hnet_ready", "1 once the checkpoint is loaded", value=float(runtime is not None)
             )
+            if version is not None:
+                yield InfoMetricFamily("hnet_checkpoint", "the served checkpoint (its content "
+                                       "hash is its version)", value={"version": version})
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())  # type: ignore[arg-type]

@@ -394,8 +394,10 @@ class ProtocolMiddleware(OpenAPIMiddleware):
             spec = openapi_document(self.service)
             for path, item in openapi_paths().items():
                 spec["paths"].setdefault(path, {}).update(item)
-            # POST /tasks takes no arguments (any JSON object is ignored): document no body
-            spec["paths"]["/tasks"].get("post", {}).pop("requestBody", None)
+            # POST /tasks and /version take no arguments (any JSON object is ignored):
+            # document no body
+            for route in ("/tasks", "/version"):
+                spec["paths"].get(route, {}).get("post", {}).pop("requestBody", None)
             await JSONResponse(spec)(scope, receive, send)
             return
         await self.app(scope, receive, send)

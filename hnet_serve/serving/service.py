@@ -32,6 +32,7 @@ import os
 import re
 import threading
 from collections import Counter
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import bentoml
@@ -47,6 +48,7 @@ from hnet_serve.serving.config import ServingConfig
 from hnet_serve.serving.http import (
     JsonBodyMiddleware,
     RequestBodyMiddleware,
+    VersionHeaderMiddleware,
     error_response,
     install_client_error_log_filter,
 )
@@ -75,7 +77,16 @@ async def _tasks_endpoint(request: Request) -> JSONResponse:
     return svc.tasks_response()
 
 
-tasks_app = Starlette(routes=[Route("/tasks", _tasks_endpoint, methods=["GET"])])
+async def _version_endpoint(request: Request) -> JSONResponse:
+    try:
+        svc = bentoml.get_current_service()
+    except Exception:  # noqa: BLE001
+        return error_response(503, "service is starting", "NotReady")
+    return svc.version_response()
+
+
+tasks_app = Starlette(routes=[Route("/tasks", _tasks_endpoint, methods=["GET"]),
+                              Route("/version", _version_endpoint, methods=["GET"])])
 
 
 # -- the service --------------------------------------------------------------------------
@@ -98,6 +109,9 @@ class HNetService:
         self.batcher: AdaptiveBatcher | None = None
         self.load_error: str | None = None
         self.checkpoint_path: str | None = None
+        # {"version", "previous", "tasks", "loaded_at", "source"} of the served checkpoint;
+        # its content hash is its version (x-hnet-version on every response, GET /version)
+        self.version_info: dict[str, Any] | None = None
         self._requests: Counter[str] = Counter()
         self._requests_lock = threading.Lock()
         self._ready = threading.Event()
@@ -106,21 +120,28 @@ class HNetService:
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self) -> None:
-        from hnet_serve.checkpoint import load_checkpoint
+        from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint
 
         try:
             self.config = ServingConfig.from_env()
             if self.config.checkpoint:
-                path = self.config.checkpoint
+                path = source = self.config.checkpoint
             else:
                 from hnet_serve.serving.store import checkpoint_dir
 
-                path = str(checkpoint_dir(self.model))
+                path, source = str(checkpoint_dir(self.model)), str(self.model.tag)
             self.checkpoint_path = path
             model = load_checkpoint(path)
             runtime = Runtime(model, self.config.model_copy(update={"checkpoint": path}))
             self.batcher = AdaptiveBatcher(runtime)
+            self.version_info = {
+                "version": checkpoint_hash(path), "previous": None,
+                "tasks": list(model.task_names), "source": source,
+                "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
             self.runtime = runtime
+            logger.info("hnet-serve: serving version %s (%s)", self.version_info["version"],
+                        source)
             logger.info(
                 "hnet-serve: ready: %d tasks from %s (backend %s, cache %d bytes)",
                 len(model.registry), path, runtime.backend.name, self.config.cache_bytes,
@@ -183,13 +204,30 @@ class HNetService:
         return self.tasks_response()  # type: ignore[return-value]
 
     def tasks_response(self) -> JSONResponse:
-        if self.runtime is None:
+        if self.runtime is None or self.version_info is None:
             return self.not_ready_response()
-        return JSONResponse(self.runtime.info())
+        return JSONResponse({"version": self.version_info["version"], **self.runtime.info()})
+
+    def version_response(self) -> JSONResponse:
+        if self.version_info is None:
+            return self.not_ready_response()
+        return JSONResponse(self.version_info)
+
+    @bentoml.api(route="/version")
+    async def version(self) -> dict[str, Any]:
+        """The served checkpoint's version (its content hash), the previous one, its tasks, when
+        and from where it was loaded; the same as ``GET /version``."""
+        return self.version_response()  # type: ignore[return-value]
+
+    @property
+    def version_header(self) -> bytes | None:
+        """The value of ``x-hnet-version`` (None until loaded)."""
+        return self.version_info["version"].encode() if self.version_info else None
 
     def __metrics__(self, content: str) -> str:
         """Append the cache counters and per-task request counts to BentoML's metrics."""
-        return content + metrics_text(self.runtime, self._requests_snapshot())
+        version = self.version_info["version"] if self.version_info else None
+        return content + metrics_text(self.runtime, self._requests_snapshot(), version)
 
     def record_request(self, task: str | None) -> None:
         """Count a served request of ``task`` (None: task inferred) for ``/metrics``."""
@@ -222,6 +260,7 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.<>])/[^\s'\":,)]+")
 # mistakes one INFO line (docs/reliability.md); both before `bentoml serve` builds the app.
 install_route_labels()
 install_client_error_log_filter()
+HNetService.add_asgi_middleware(VersionHeaderMiddleware)
 HNetService.add_asgi_middleware(RequestBodyMiddleware)
 HNetService.add_asgi_middleware(JsonBodyMiddleware)
 HNetService.add_asgi_middleware(ProtocolMiddleware, service=HNetService)
