@@ -35,6 +35,7 @@ class TaskInference:
     task_index: np.ndarray  # (N,) int64
     confidence: np.ndarray  # (N,) float32 in [0, 1]
     entropy: np.ndarray  # (N, T) float32, softmax entropy under every candidate task
+    confidences: np.ndarray | None = None  # (N, T) float32: every candidate's certainty
 
 
 def select_by_entropy(logits: Sequence[np.ndarray], temperature: float = 1.0) -> TaskInference:
@@ -51,8 +52,8 @@ def select_by_entropy(logits: Sequence[np.ndarray], temperature: float = 1.0) ->
     ).astype(np.float32)  # (N, T)
     idx = ent.argmin(axis=1)  # (N,)
     max_ent = np.log(np.array([max(z.shape[1], 2) for z in logits], dtype=np.float32))  # (T,)
-    conf = 1.0 - ent[np.arange(len(idx)), idx] / max_ent[idx]
-    return TaskInference(idx.astype(np.int64), np.clip(conf, 0.0, 1.0).astype(np.float32), ent)
+    every = np.clip(1.0 - ent / max_ent, 0.0, 1.0).astype(np.float32)  # (N, T)
+    return TaskInference(idx.astype(np.int64), every[np.arange(len(idx)), idx], ent, every)
 
 
 def infer_tasks(

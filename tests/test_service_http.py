@@ -337,3 +337,36 @@ def test_every_response_names_the_served_version(client, checkpoint):
     assert f'hnet_checkpoint_info{{version="{version}"}} 1.0' in client.get("/metrics").text
     assert client.post("/predict", json={"task": "nope", "inputs": [[0.0] * 12]}).headers[
         "x-hnet-version"] == version
+
+
+def test_task_inference_can_abstain_and_lists_its_candidates(client):
+    """Issue 16: rows below min_confidence get task null and abstained true instead of a
+    guess; top_tasks lists the k most likely tasks with their confidence."""
+    rows = [[0.0] * 12, [0.5] * 12]
+    guessed = client.post("/predict", json={"inputs": rows}).json()
+    assert guessed["abstained"] == [False, False]
+    assert [len(t) for t in guessed["top_tasks"]] == [3, 3]
+    for row, top in zip(range(2), guessed["top_tasks"]):
+        assert top[0]["task"] == guessed["task"][row]
+        assert top[0]["confidence"] == pytest.approx(guessed["confidence"][row], abs=1e-6)
+    strict = client.post("/predict", json={"inputs": rows, "min_confidence": 1.0,
+                                           "top_k": 1}).json()
+    assert strict["abstained"] == [True, True] and strict["task"] == [None, None]
+    assert strict["predictions"] == [None, None] and strict["labels"] == [None, None]
+    assert [len(t) for t in strict["top_tasks"]] == [1, 1]  # still says what it would pick
+    bad = client.post("/predict", json={"inputs": rows, "min_confidence": 2})
+    assert bad.status_code == 400
+    given = client.post("/predict", json={"task": "task-0", "inputs": rows}).json()
+    assert "abstained" not in given and "top_tasks" not in given
+
+
+def test_decide_leaves_given_rows_alone_in_a_mixed_batch(checkpoint):
+    import numpy as np
+
+    rt = Runtime.from_checkpoint(checkpoint)
+    x = np.random.default_rng(0).normal(size=(4, 12)).astype(np.float32)
+    mixed = rt.predict_mixed(["task-0", None, "task-1", None], x)
+    decided = rt.decide(mixed, min_confidence=1.01, top_k=2)
+    assert decided.abstained.tolist() == [False, True, False, True]
+    assert decided.tasks[0] == "task-0" and decided.tasks[1] is None
+    assert decided.top_tasks[0] is None and len(decided.top_tasks[1]) == 2

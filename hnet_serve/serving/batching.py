@@ -162,6 +162,9 @@ def split_prediction(runtime: Runtime, mixed: Prediction, batch: list[_Pending])
                 inferred=p.task is None,
                 confidence=mixed.confidence[start:stop] if p.task is None else None,
                 labels=mixed.labels[start:stop],
+                task_confidence=(mixed.task_confidence[start:stop]
+                                 if p.task is None and mixed.task_confidence is not None
+                                 else None),
             )
         )
         start = stop

@@ -67,6 +67,8 @@ class ServingConfig(BaseModel):
     temperature: float = Field(default=1.0, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX,
                                allow_inf_nan=False)
     exclude_from_inference: list[str] = Field(default_factory=list)
+    # task inference: rows less confident than this abstain (request field min_confidence)
+    min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
     # the Open Inference Protocol's name of the task-inference model (serving/oip.py)
     oip_infer_model: str = Field(default="_infer", pattern=r"^[A-Za-z0-9._-]{1,64}$")
 

@@ -12,6 +12,7 @@ The service (``service.py``) and batch scoring are thin layers over this module.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -45,6 +46,11 @@ class Prediction:
     inferred: bool
     confidence: np.ndarray | None = None  # (N,) float32 when inferred
     labels: list[str] = field(default_factory=list)  # (N,) the predicted class's name
+    # (N, T) every candidate task's confidence for inferred rows (NaN for given tasks), T the
+    # runtime's inference_tasks; what top_tasks and abstention are decided from
+    task_confidence: np.ndarray | None = None
+    abstained: np.ndarray | None = None  # (N,) bool, after Runtime.decide()
+    top_tasks: list[list[dict[str, Any]] | None] | None = None  # (N,) after Runtime.decide()
 
     def to_json(self) -> dict[str, Any]:
         """The service's response body.
@@ -64,6 +70,12 @@ class Prediction:
             # NaN (rows whose task was given, in a mixed batch) is not JSON: null instead.
             conf = self.confidence if self.confidence is not None else np.full(len(self.tasks), np.nan)
             body["confidence"] = [None if math.isnan(c) else c for c in conf.tolist()]
+            if self.abstained is not None:
+                body["abstained"] = self.abstained.tolist()
+                for key in ("predictions", "labels", "probabilities"):  # no guess where abstained
+                    body[key] = [None if a else v for a, v in zip(self.abstained, body[key])]
+            if self.top_tasks is not None:
+                body["top_tasks"] = self.top_tasks
         return body
 
 
@@ -260,6 +272,8 @@ class Runtime:
             parts.append((r, sub.probabilities))
             conf = np.full(n, np.nan, dtype=np.float32)
             conf[r] = sub.confidence
+            every = np.full((n, len(self.inference_tasks)), np.nan, dtype=np.float32)
+            every[r] = sub.task_confidence
             out_tasks[r] = sub.tasks
         c_max = max([c_max, *(p.shape[1] for _, p in parts)])
         probs = np.zeros((n, c_max), dtype=np.float32)
@@ -268,7 +282,8 @@ class Runtime:
             preds[r] = p.argmax(1)
         tasks_out = out_tasks.tolist()
         return Prediction(tasks_out, preds, probs, inferred=conf is not None, confidence=conf,
-                          labels=self.labels_of(tasks_out, preds))
+                          labels=self.labels_of(tasks_out, preds),
+                          task_confidence=every if conf is not None else None)
 
     def _logits(self, names: list[str], groups: list[Group]) -> list[np.ndarray]:
         """Each group's logits under its task (``names`` unique), in steps of at most
@@ -296,7 +311,32 @@ class Runtime:
         tasks = [names[t] for t in choice.task_index]
         preds = probs.argmax(1)
         return Prediction(tasks, preds, probs, inferred=True, confidence=choice.confidence,
-                          labels=self.labels_of(tasks, preds))
+                          labels=self.labels_of(tasks, preds),
+                          task_confidence=choice.confidences)
+
+    def decide(self, pred: Prediction, *, min_confidence: float = 0.0, top_k: int = 0
+               ) -> Prediction:
+        """Honest task inference for ``pred``'s inferred rows: those whose confidence is below
+        ``min_confidence`` abstain (their task is None: no guess), and each inferred row lists
+        its ``top_k`` most likely tasks with their confidence. Rows whose task was given are
+        left as they are (``None`` in both)."""
+        if not pred.inferred or pred.task_confidence is None:
+            return pred
+        conf = pred.confidence if pred.confidence is not None else np.ones(len(pred.tasks))
+        inferred = ~np.isnan(conf)
+        abstained = inferred & (conf < min_confidence)
+        tasks = [None if a else t for a, t in zip(abstained.tolist(), pred.tasks)]
+        top = None
+        if top_k > 0:
+            names = self.inference_tasks
+            # Ranked as they were chosen, by entropy H = (1 - confidence) log C_t (confidence is
+            # H normalized by each task's own maximum, so it alone can rank differently).
+            log_c = np.log([max(self.task(t).num_classes, 2) for t in names])  # (T,)
+            entropy = np.nan_to_num((1.0 - pred.task_confidence) * log_c, nan=np.inf)
+            best = np.argsort(entropy, axis=1, kind="stable")[:, :top_k]
+            top = [[{"task": names[j], "confidence": float(pred.task_confidence[i, j])}
+                    for j in best[i]] if inferred[i] else None for i in range(len(tasks))]
+        return dataclasses.replace(pred, tasks=tasks, abstained=abstained, top_tasks=top)
 
     def labels_of(self, tasks: Sequence[str], predictions: np.ndarray) -> list[str]:
         """The name of each row's predicted class under its task (``"3"`` without names)."""

@@ -183,6 +183,15 @@ class HNetService:
         task: Annotated[
             str | None, Field(description="task name; null or absent: infer it per row")
         ] = None,
+        min_confidence: Annotated[
+            float | None, Field(ge=0.0, le=1.0, description=(
+                "task inference: rows less confident than this abstain (task null, no "
+                "prediction) instead of guessing; default: the service's min_confidence"))
+        ] = None,
+        top_k: Annotated[
+            int, Field(ge=0, le=1000, description="task inference: list this many most likely "
+                       "tasks per row with their confidence (top_tasks)")
+        ] = 3,
     ) -> dict[str, Any]:
         """Predict ``inputs`` under ``task``; without a task, infer it per row (HNET+ENT)."""
         runtime, batcher = self.runtime, self.batcher
@@ -191,6 +200,9 @@ class HNetService:
         try:
             x = runtime.validate_inputs(inputs, task)
             pred = await batcher.predict(task, x)
+            if task is None:
+                threshold = self.config.min_confidence if min_confidence is None else min_confidence
+                pred = runtime.decide(pred, min_confidence=threshold, top_k=top_k)
         except HNetError as exc:
             return error_response(exc.http_status, str(exc), type(exc).__name__)  # type: ignore[return-value]
         with self._requests_lock:
