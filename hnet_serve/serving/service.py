@@ -68,25 +68,23 @@ INFERRED = "*"  # the task label of requests without a task ("*" is not a valid 
 TENSOR_INPUT = WithJsonSchema({"type": "tensor", "format": "numpy-array"}, mode="validation")
 
 
-# -- GET /tasks ---------------------------------------------------------------------------
-async def _tasks_endpoint(request: Request) -> JSONResponse:
-    try:
-        svc = bentoml.get_current_service()
-    except Exception:  # noqa: BLE001
-        return error_response(503, "service is starting", "NotReady")
-    return svc.tasks_response()
+# -- GET /tasks, GET /version ------------------------------------------------------------
+def _service_get(response: str) -> Any:
+    """A GET endpoint answering the running service's ``response()`` method."""
+
+    async def endpoint(request: Request) -> JSONResponse:
+        try:
+            svc = bentoml.get_current_service()
+        except Exception:  # noqa: BLE001
+            return error_response(503, "service is starting", "NotReady")
+        return getattr(svc, response)()
+
+    return endpoint
 
 
-async def _version_endpoint(request: Request) -> JSONResponse:
-    try:
-        svc = bentoml.get_current_service()
-    except Exception:  # noqa: BLE001
-        return error_response(503, "service is starting", "NotReady")
-    return svc.version_response()
-
-
-tasks_app = Starlette(routes=[Route("/tasks", _tasks_endpoint, methods=["GET"]),
-                              Route("/version", _version_endpoint, methods=["GET"])])
+tasks_app = Starlette(routes=[Route("/tasks", _service_get("tasks_response"), methods=["GET"]),
+                              Route("/version", _service_get("version_response"),
+                                    methods=["GET"])])
 
 
 # -- the service --------------------------------------------------------------------------
