@@ -83,3 +83,25 @@ def test_keep_columns_errors(tmp_path, ckpt, x):
         with pytest.raises(HNetError, match=message):
             score_file(ckpt, src, dst, task="task-0", keep_columns=keep, progress=False)
         assert not dst.exists()
+
+
+def test_min_confidence_leaves_uncertain_rows_without_a_task(tmp_path, ckpt, x):
+    ids = [str(i) for i in range(len(x))]
+    _csv(tmp_path / "in.csv", x, ids)
+    rt = Runtime.from_checkpoint(ckpt)
+    conf = rt.predict(None, x).confidence
+    threshold = float(np.median(conf))
+    report = score_file(ckpt, tmp_path / "in.csv", tmp_path / "out.parquet",
+                        keep_columns=["id"], min_confidence=threshold, progress=False)
+    out = pq.read_table(tmp_path / "out.parquet")
+    low = conf < threshold
+    assert report.rows_abstained == int(low.sum()) > 0
+    assert [v is None for v in out.column("task").to_pylist()] == low.tolist()
+    assert [v is None for v in out.column("prediction").to_pylist()] == low.tolist()
+    assert [v is None for v in out.column("label").to_pylist()] == low.tolist()
+    assert sum(report.tasks.values()) == len(x) - int(low.sum())
+    np.save(tmp_path / "in.npy", x)
+    with pytest.raises(HNetError, match="table output"):  # a .npy output has no null
+        score_file(ckpt, tmp_path / "in.npy", tmp_path / "out.npy", min_confidence=0.5,
+                   progress=False)
+    assert not (tmp_path / "out.npy").exists()

@@ -27,7 +27,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             task=args.task, task_column=args.task_column, backend=args.backend,
             threads=args.threads, batch_size=args.batch_size, probabilities=args.probabilities,
             on_error=args.on_error, rejects=args.rejects, row_numbers=args.row_numbers,
-            keep_columns=args.keep_columns,
+            keep_columns=args.keep_columns, min_confidence=args.min_confidence,
             progress=not args.no_progress,
         )
     finally:
@@ -82,6 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-columns", metavar="COL,...",
                    help="pass these columns (e.g. an id) through to the output unchanged, first "
                         "and in the input's order; they are not features (.csv/.parquet)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="C",
+                   help="task inference: rows less confident than C (0..1) abstain: their task, "
+                        "prediction and label are left empty instead of a guess")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_score)

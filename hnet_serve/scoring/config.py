@@ -28,6 +28,8 @@ class ScoringConfig(BaseModel):
     on_error: Literal["stop", "skip"] = "stop"
     rejects: str | None = None
     row_numbers: bool = False
+    # Task inference: rows less confident than this abstain (null task, prediction and label).
+    min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
     # Columns passed through to the output unchanged, in the input's order (an id to join on).
     keep_columns: list[str] = Field(default_factory=list)
 

@@ -30,6 +30,7 @@ class ScoredBatch:
     schema: OutputSchema
     kept: pa.Table | None = None  # (m rows) the kept columns of the scored rows
     inferred: np.ndarray | None = None  # (m,) bool: the row's task was inferred
+    abstained: np.ndarray | None = None  # (m,) bool: below min_confidence (task, prediction null)
 
     @property
     def tasks(self) -> list[str]:
@@ -45,7 +46,7 @@ class ScoredBatch:
 
         return pa.table(score_columns(
             self.schema, self.rows, self.task_index, self.predictions, self.probabilities,
-            kept=self.kept, inferred=self.inferred,
+            kept=self.kept, inferred=self.inferred, abstained=self.abstained,
         ))
 
     def to_pandas(self):
@@ -61,6 +62,7 @@ class ScoreReport:
     rows_read: int = 0
     rows_scored: int = 0
     rows_rejected: int = 0
+    rows_abstained: int = 0  # inferred below min_confidence: scored without a task
     rejected_rows: list[int] = field(default_factory=list)  # the first 100
     rejects_file: str | None = None
     tasks: dict[str, int] = field(default_factory=dict)  # rows scored per task

@@ -70,6 +70,7 @@ class Scorer:
                                            np.arange(runtime.task(n).num_classes))
                          for n in names],
             task_inferred=config.task is None,
+            may_abstain=config.task is None and config.min_confidence > 0,
         )
         self._index = {n: i for i, n in enumerate(names)}
         # Rows per runtime call: about _SLICE_BYTES of features, so that a slice stays in cache
@@ -133,6 +134,7 @@ class Scorer:
         m = x.shape[0]
         task_idx = np.empty(m, dtype=np.int32)
         preds = np.empty(m, dtype=np.int64)
+        confidence = np.full(m, np.nan, dtype=np.float32)  # inferred rows' confidence
         probs = (
             np.zeros((m, self.schema.num_probabilities), dtype=np.float32)
             if self.schema.num_probabilities is not None else None
@@ -148,6 +150,8 @@ class Scorer:
             else:
                 task_idx[lo:hi] = [self._index[t] for t in pred.tasks]
             preds[lo:hi] = pred.predictions
+            if pred.confidence is not None:
+                confidence[lo:hi] = pred.confidence
             if probs is not None:
                 probs[lo:hi, : pred.probabilities.shape[1]] = pred.probabilities
         if self.config.task is not None:
@@ -156,7 +160,10 @@ class Scorer:
             inferred = np.fromiter((t is None for t in tasks), dtype=bool, count=m)
         else:
             inferred = np.ones(m, dtype=bool)
-        return ScoredBatch(rows, task_idx, preds, probs, rejects, self.schema, kept, inferred)
+        # Rows whose inferred task is less certain than min_confidence abstain: no task, no guess.
+        abstained = (confidence < self.config.min_confidence) if inferred is not None else None
+        return ScoredBatch(rows, task_idx, preds, probs, rejects, self.schema, kept, inferred,
+                           abstained if abstained is not None and abstained.any() else None)
 
 
 def runtime_for(checkpoint: Runtime | str | os.PathLike, config: ScoringConfig) -> Runtime:
@@ -344,7 +351,8 @@ def score_file(
             for chunk in chunks:
                 scored = scorer.score_chunk(chunk)
                 writer.write(scored.rows, scored.task_index, scored.predictions,
-                             scored.probabilities, scored.kept, scored.inferred)
+                             scored.probabilities, scored.kept, scored.inferred,
+                             scored.abstained)
                 if rejects_out is not None:
                     rejects_out.write(scored.rejects)
                 seen = len(chunk) + len(chunk.rejects)
@@ -353,7 +361,11 @@ def score_file(
                 report.rows_rejected += len(scored.rejects)
                 room = 100 - len(report.rejected_rows)
                 report.rejected_rows += [r.row for r in scored.rejects[:room]]
-                counts.update(_count(scored.task_index))
+                if scored.abstained is not None:
+                    report.rows_abstained += int(scored.abstained.sum())
+                    counts.update(_count(scored.task_index[~scored.abstained]))
+                else:
+                    counts.update(_count(scored.task_index))
                 bar.update(seen)
         # Rejects first: an output never appears without its rejects file.
         for w in reversed(writers):

@@ -33,6 +33,7 @@ class OutputSchema:
     class_names: list[list[str]] | None = None
     kept: pa.Schema | None = None  # columns passed through unchanged, first in every row
     task_inferred: bool = False  # a task_inferred column (the task may be inferred)
+    may_abstain: bool = False  # min_confidence > 0: task/prediction/label may be null
 
     def __post_init__(self) -> None:
         names = self.class_names or [[] for _ in self.task_names]
@@ -55,6 +56,7 @@ def score_columns(
     csv: bool = False,
     kept: pa.Table | None = None,  # (m rows) schema.kept's columns
     inferred: np.ndarray | None = None,  # (m,) bool: was the row's task inferred
+    abstained: np.ndarray | None = None,  # (m,) bool: task, prediction and label are null
 ) -> dict[str, pa.Array]:
     """The output columns as Arrow arrays: ``[kept...], [row], task, [task_inferred],
     prediction, label, [probabilities]``.
@@ -70,15 +72,15 @@ def score_columns(
     if schema.row_numbers:
         cols["row"] = pa.array(rows, pa.int64())
     tasks = pa.DictionaryArray.from_arrays(
-        pa.array(task_idx, pa.int32()), pa.array(schema.task_names, pa.string())
+        pa.array(task_idx, pa.int32(), mask=abstained), pa.array(schema.task_names, pa.string())
     )
     cols["task"] = tasks.dictionary_decode() if csv else tasks
     if schema.task_inferred:
         cols["task_inferred"] = pa.array(
             inferred if inferred is not None else np.zeros(len(rows), bool), pa.bool_())
-    cols["prediction"] = pa.array(predictions, pa.int64())
+    cols["prediction"] = pa.array(predictions, pa.int64(), mask=abstained)
     labels = pa.DictionaryArray.from_arrays(
-        pa.array(schema.label_index(task_idx, predictions), pa.int32()),
+        pa.array(schema.label_index(task_idx, predictions), pa.int32(), mask=abstained),
         pa.array(schema.label_names, pa.string()),
     )
     cols["label"] = labels.dictionary_decode() if csv else labels
@@ -176,6 +178,7 @@ class ScoreWriter(AtomicOutput):
         probabilities: np.ndarray | None,  # (m, C) float32
         kept: pa.Table | None = None,  # (m rows) the passed-through columns
         inferred: np.ndarray | None = None,  # (m,) bool
+        abstained: np.ndarray | None = None,  # (m,) bool
     ) -> None:
         raise NotImplementedError
 
@@ -198,14 +201,16 @@ class _ArrowScoreWriter(ScoreWriter):
     def _open(self):
         raise NotImplementedError
 
-    def _table(self, rows, task_idx, predictions, probabilities, kept=None, inferred=None
-               ) -> pa.Table:
+    def _table(self, rows, task_idx, predictions, probabilities, kept=None, inferred=None,
+               abstained=None) -> pa.Table:
         return pa.table(score_columns(self.schema, rows, task_idx, predictions, probabilities,
-                                      csv=self.csv, kept=kept, inferred=inferred))
+                                      csv=self.csv, kept=kept, inferred=inferred,
+                                      abstained=abstained))
 
-    def write(self, rows, task_idx, predictions, probabilities, kept=None, inferred=None) -> None:
+    def write(self, rows, task_idx, predictions, probabilities, kept=None, inferred=None,
+              abstained=None) -> None:
         self.writer.write_table(self._table(rows, task_idx, predictions, probabilities, kept,
-                                            inferred))
+                                            inferred, abstained))
         self.rows_written += len(rows)
 
     def _close(self) -> None:
@@ -264,7 +269,10 @@ class NpyScoreWriter(ScoreWriter):
         body = text.ljust(total - prefix_len - 1) + "\n"
         return np.lib.format.magic(1, 0) + len(body).to_bytes(2, "little") + body.encode("latin1")
 
-    def write(self, rows, task_idx, predictions, probabilities, kept=None, inferred=None) -> None:
+    def write(self, rows, task_idx, predictions, probabilities, kept=None, inferred=None,
+              abstained=None) -> None:
+        if abstained is not None:  # pragma: no cover - open_writer refuses min_confidence here
+            raise ConfigError("a .npy output has no null: it cannot hold abstained rows")
         rec = np.empty(len(rows), dtype=self.dtype)
         if self.schema.row_numbers:
             rec["row"] = rows
@@ -290,5 +298,8 @@ def open_writer(path: str | os.PathLike, schema: OutputSchema) -> ScoreWriter:
     output keeps its documented fixed layout, so it takes no kept columns)."""
     if schema.kept is not None and str(path).lower().endswith(".npy"):
         raise ConfigError("--keep-columns needs a table output (.parquet or .csv), not .npy")
+    if schema.may_abstain and str(path).lower().endswith(".npy"):
+        raise ConfigError("--min-confidence needs a table output (.parquet or .csv): a .npy "
+                          "output has no null for an abstained row")
     return _WRITERS[suffix_of(path, OUTPUT_SUFFIXES, "output")](path, schema)
 
