@@ -133,6 +133,9 @@ class Runtime:
             pinned=self.config.pinned,
         )
         self._input_shape = tuple(model.target_config.input_shape)
+        # log C_t of every inference candidate: turns confidences back into entropies (decide)
+        self._log_classes = np.log([max(self.task(t).num_classes, 2)
+                                    for t in self.inference_tasks])  # (T,)
         self._class_names = {
             t.name: t.label_names or [str(i) for i in range(t.num_classes)] for t in model.registry
         }
@@ -331,8 +334,7 @@ class Runtime:
             names = self.inference_tasks
             # Ranked as they were chosen, by entropy H = (1 - confidence) log C_t (confidence is
             # H normalized by each task's own maximum, so it alone can rank differently).
-            log_c = np.log([max(self.task(t).num_classes, 2) for t in names])  # (T,)
-            entropy = np.nan_to_num((1.0 - pred.task_confidence) * log_c, nan=np.inf)
+            entropy = np.nan_to_num((1.0 - pred.task_confidence) * self._log_classes, nan=np.inf)
             best = np.argsort(entropy, axis=1, kind="stable")[:, :top_k]
             top = [[{"task": names[j], "confidence": float(pred.task_confidence[i, j])}
                     for j in best[i]] if inferred[i] else None for i in range(len(tasks))]
