@@ -58,6 +58,7 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
 _COLS = {"kind": "chunked", "layout": "columns", "hidden": [50, 50], "activation": "tanh",
          "task_emb_dim": 1, "chunk_emb_dim": 32}
 _T300 = {"target": {"hidden": [300, 300]}}
+_T1000 = {"target": {"hidden": [1000, 1000]}}
 # name -> (what it tests, TrainConfig overrides). "independent*" are the references.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "independent": ("one fresh MLP 100-100 per task", {"method": "independent"}),
@@ -90,6 +91,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "flat-300-5000": ("MLP 300-300 target, flat chunks of 5,000, hidden 60-60, emb 32/8", {
         **_T300, "hypernet": {**COMPRESSIVE_HNET, "hidden": [60, 60], "chunk_size": 5000,
                               "task_emb_dim": 32}}),
+    "derived-1.0-reg4": ("derived-1.0 regularizing a random 4 of the old tasks per step",
+                         {"reg_tasks": 4, "derive": {"ratio": 1.0}}),
+    "independent-1000": ("one fresh MLP 1000-1000 per task (the paper's PermutedMNIST target)",
+                         {"method": "independent", **_T1000}),
+    "derived-1.0-t1000": ("MLP 1000-1000 target, sizes from `derive_hypernet(n, tasks, 1.0)`",
+                          {**_T1000, "derive": {"ratio": 1.0}}),
     "columns-300-tc16": ("MLP 300-300 target, columns, a 16-dim task code per column", {
         **_T300, "hypernet": {**_COLS, "chunk_emb_dim": 8, "task_chunk_emb_dim": 16}}),
 }

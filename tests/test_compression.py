@@ -54,3 +54,45 @@ def test_a_target_too_small_to_compress(capsys, tmp_path):
     with pytest.warns(UserWarning, match="no compressive hypernetwork fits"):
         code, _, err = run(capsys, "train", *tiny, "--out", tmp_path / "b")
     assert code == 0
+
+
+def test_regularized_old_tasks_are_capped_by_default():
+    """The step's regularizer covers a random DEFAULT_REG_TASKS old tasks (flat cost in the
+    number of tasks); "all" (and None, what older checkpoints saved) covers every one."""
+    from hnet_serve.training.config import DEFAULT_REG_TASKS, validate_config
+    from hnet_serve.training.methods.hnet import HNetMethod
+    from hnet_serve.training.methods.registry import make_method
+    from tests.test_training import make_task, tiny_config
+
+    many = [make_task(f"t{i}", i) for i in range(DEFAULT_REG_TASKS + 3)]
+    cfg = tiny_config(iterations=1)
+    assert cfg.reg_tasks == DEFAULT_REG_TASKS
+    for setting, covered in [(DEFAULT_REG_TASKS, DEFAULT_REG_TASKS), ("all", len(many) - 1),
+                             (None, len(many) - 1), (3, 3)]:
+        cfg = tiny_config(iterations=1, reg_tasks=setting)
+        if setting is None:  # what older checkpoints saved (build_config skips None overrides)
+            cfg = validate_config({**cfg.model_dump(mode="json"), "reg_tasks": None})
+        method = HNetMethod(make_method(cfg, many[:1]).model, cfg)
+        for t in many[1:-1]:
+            method.model.add_task(t.name, num_classes=t.num_classes)
+        method.begin_task(len(many) - 1, many[-1])
+        subset = method._subset()
+        picked = len(many) - 1 if subset is None else len(set(subset.tolist()))
+        assert picked == covered
+    with pytest.raises(Exception, match="reg_tasks"):
+        tiny_config(reg_tasks=0)
+
+
+@pytest.mark.parametrize("value, ok", [("all", True), ("4", True), ("0", False), ("x", False)])
+def test_reg_tasks_flag(capsys, tmp_path, value, ok):
+    argv = ["train", *FAST, "--reg-tasks", value, "--out", tmp_path / "r"]
+    if not ok:
+        with pytest.raises(SystemExit):  # argparse: usage + one line, exit status 2
+            run(capsys, *argv)
+        err = capsys.readouterr().err
+        assert "--reg-tasks" in err and "positive integer or 'all'" in err
+        assert not (tmp_path / "r").exists()
+    else:
+        assert run(capsys, *argv)[0] == 0
+        assert load_checkpoint(tmp_path / "r").meta["train_config"]["reg_tasks"] == (
+            "all" if value == "all" else int(value))

@@ -35,6 +35,18 @@ def _name_list(text: str) -> list[str]:
     return values
 
 
+def _reg_tasks(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return value
+
+
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
     p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
 
@@ -50,8 +62,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     _bool_flag(g, "lookahead", "regularize the lookahead f_h(e, Θ + ΔΘ)")
     g.add_argument("--reg-method", choices=["auto", "gram", "explicit"])
-    g.add_argument("--reg-tasks", type=int, metavar="N",
-                   help="regularize a random subset of N old tasks per step (default: all)")
+    g.add_argument("--reg-tasks", type=_reg_tasks, metavar="N|all",
+                   help="regularize a random subset of N old tasks per step, or all of them "
+                   "(default 8: a step's cost stays flat however many tasks came before)")
     _bool_flag(g, "train-old-embeddings", "keep training old task embeddings (paper: frozen)")
     g.add_argument("--outlier-weight", type=float, metavar="W",
                    help="weight of the uniform-prediction loss on outliers made from each batch "

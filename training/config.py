@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +17,9 @@ from hnet_serve.configs import read_mapping_file, validate
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.targets import TargetSpec
 from hnet_serve.training import DEFAULT_OUTLIER_KINDS, OutlierKind
+
+# Old tasks regularized per training step by default (TrainConfig.reg_tasks).
+DEFAULT_REG_TASKS = 8
 
 Benchmark = Literal["permuted-mnist", "split-mnist", "split-cifar", "custom"]
 Dataset = Literal["mnist5k", "fashion-mnist", "idx-dir", "cifar"]
@@ -49,7 +52,12 @@ class TrainConfig(BaseModel):
     beta: float = Field(default=0.01, ge=0)  # regularizer strength
     lookahead: bool = False  # regularize f_h(e, Θ + ΔΘ), ΔΘ the optimizer's next step
     reg_method: Literal["auto", "gram", "explicit"] = "auto"
-    reg_tasks: int | None = Field(default=None, gt=0)  # random subset of old tasks per step
+    # Old tasks regularized per step, a fresh random subset each step (hypnettorch's
+    # ``calc_fix_target_reg(batch_size=...)``); "all" (or None, what older checkpoints saved):
+    # every old task. The penalty is the subset's mean, an unbiased estimate of the full one, and
+    # a cap keeps the step's cost flat in the number of tasks: with every old task, a 100-task
+    # run's step took 3.7x task 2's (docs/benchmarks.md, training-speed-default).
+    reg_tasks: Annotated[int, Field(gt=0)] | Literal["all"] | None = DEFAULT_REG_TASKS
     train_old_embeddings: bool = False  # the paper freezes them
     # Uncertainty on self-generated outliers (training.outliers; not in the paper): sharper
     # task inference by entropy (HNET+ENT) at no cost in stored data. 0: off.

@@ -173,7 +173,7 @@ class HNetMethod(ContinualMethod):
     def _subset(self) -> torch.Tensor | None:
         k = self.snapshot.num_tasks if self.snapshot else 0
         n = self.config.reg_tasks
-        if not n or n >= k:
+        if n is None or n == "all" or n >= k:
             return None
         return torch.randperm(k, generator=self.generator)[:n]
 
