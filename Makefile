@@ -33,11 +33,12 @@ bench: $(STAMP) fashion-mnist
 	$(BIN)/python -m benchmarks.run_all
 
 ## Long reliability runs (issues 7 and 14; the fast cases are in `make test`): the 60 s load
-## test and the 60 s hostile-client run.
+## test, the 60 s hostile-client run and the 60 s reload run (issue 18).
 .PHONY: reliability
 reliability: $(STAMP)
 	$(BIN)/python -m benchmarks.load_test
 	$(BIN)/python -m benchmarks.hostile_clients
+	$(BIN)/python -m benchmarks.bench_reload
 
 clean:
 	rm -rf $(VENV) build *.egg-info

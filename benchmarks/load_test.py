@@ -39,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,8 +107,13 @@ def build_bodies(model, hot: list[str], cold: list[str], mix: dict[str, float], 
 
 
 async def run_phase(name: str, url: str, bodies: list[Body], clients: int,
-                    seconds: float) -> PhaseResult:
-    """``clients`` concurrent loops posting ``bodies`` (each client its own order)."""
+                    seconds: float, *, check: Any = None, trace: list | None = None
+                    ) -> PhaseResult:
+    """``clients`` concurrent loops posting ``bodies`` (each client its own order).
+
+    ``check(body, response) -> bool`` replaces the comparison with ``body.probabilities``
+    (False: a wrong answer); ``trace`` collects ``(start, seconds, x-hnet-version)`` of every
+    request answered with its expected status (benchmarks/bench_reload.py uses both)."""
     import httpx
 
     result = PhaseResult(name, seconds)
@@ -145,7 +151,11 @@ async def run_phase(name: str, url: str, bodies: list[Body], clients: int,
                 fail(f"{body.kind}: HTTP {r.status_code} (expected {body.status}): {r.text[:200]}")
                 continue
             result.latencies.setdefault(body.kind, []).append(elapsed)
-            if body.probabilities is not None:
+            if trace is not None:
+                trace.append((t0, elapsed, r.headers.get("x-hnet-version")))
+            if body.probabilities is not None and check is not None:
+                result.wrong += not check(body, r)
+            elif body.probabilities is not None:
                 got = np.asarray(r.json()["probabilities"], dtype=np.float32)
                 if got.shape != body.probabilities.shape or not np.allclose(
                         got, body.probabilities, atol=1e-4):

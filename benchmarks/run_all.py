@@ -37,6 +37,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
     ("capacity-pfmnist10", "benchmarks.bench_capacity", ["--benchmark", "pfmnist10"]),
     ("load-test", "benchmarks.load_test", []),
     ("hostile-clients", "benchmarks.hostile_clients", []),
+    ("reload", "benchmarks.bench_reload", []),
 ]
 
 

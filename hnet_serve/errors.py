@@ -82,3 +82,10 @@ class ForgettingError(HNetError):
     """Adding a task would change old tasks beyond the configured tolerance."""
 
     http_status = 409
+
+
+class VersionConflictError(HNetError):
+    """A reload or rollback that cannot happen now: the candidate drops a served task, there is
+    no previous version, or another reload is running."""
+
+    http_status = 409

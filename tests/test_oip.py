@@ -281,11 +281,15 @@ def test_bentoml_client_numpy_and_tasks(server, reference):
         assert client.predict(task="task-0", inputs=x.tolist()) == out
         assert client.predict(inputs=x.astype(np.float64))["inferred"] is True
         assert [t["name"] for t in client.tasks()["tasks"]] == TASKS
+        version = client.version()  # issue 18: every route reaches BentoML's client
+        assert set(version) == {"version", "previous", "tasks", "loaded_at", "source"}
+        assert version["tasks"] == TASKS
 
 
 def test_openapi_document_lists_tasks_and_v2(http):
     paths = http.get("/docs.json").json()["paths"]
     assert {"get", "post"} <= set(paths["/tasks"])
+    assert {"get", "post"} <= set(paths["/version"])
     for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}",
                  "/v2/models/{model}/ready", "/v2/models/{model}/infer"):
         assert path in paths, path

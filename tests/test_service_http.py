@@ -317,6 +317,36 @@ def test_bentoml_build_packs_the_checkpoint(checkpoint, bentoml_home, tmp_path):
     assert f"./models/hnet/{version_dir}/checkpoint/weights.safetensors" in names
     assert bento["labels"]["project"] == "hnet-serve"
 
+    # Issue 18: the Bento is pinned to what it packed. Another checkpoint imported later is the
+    # store's hnet:latest; `bentoml serve <bento>` still serves the packed one.
+    other = save_service_checkpoint(tmp_path / "other")
+    model = tiny_mlp_model(3)
+    model.add_task("binary", num_classes=2, label_names=["no", "yes"])
+    model.add_task("later")
+    save_checkpoint(model, other)
+    done = run([exe, "serve", str(other), "--import-only"], env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    serve_env = {k: v for k, v in env.items() if k != "HNET_MODEL_TAG"}
+    port = free_port()
+    log = tmp_path / "bento-serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1",
+             "--port", str(port)], env=serve_env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=tmp_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            try:
+                wait_ready(http.get, timeout=150)
+            except AssertionError:
+                raise AssertionError(log.read_text()[-3000:]) from None
+            served = http.get("/version").json()
+            assert served["version"] == checkpoint_hash(checkpoint), log.read_text()[-3000:]
+            assert served["source"] == tag and "later" not in served["tasks"]
+    finally:
+        stop_process_group(proc)
+    assert f"serving model {tag} (packed in the Bento {bento_tag})" in log.read_text()
+
 
 def test_every_response_names_the_served_version(client, checkpoint):
     """Issue 18: the checkpoint's content hash is its version: x-hnet-version on /predict (and

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-# The no-forgetting guarantee of add-task (issue 7): refuse to write the new checkpoint when an
-# old task's generated weights move more than this (relative L2; adding SplitMNIST's 5th task
-# with the preset's beta moves the old ones by ~0.03 without changing their accuracy) ...
-DEFAULT_MAX_DRIFT = 0.1
-# ... or its held-out accuracy drops by more than this fraction.
-DEFAULT_MAX_ACCURACY_DROP = 0.02
+# The no-forgetting tolerances of add-task (issue 7), shared with a live reload (issue 18).
+from hnet_serve.drift import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT  # noqa: F401
 
 # Outliers a training run may generate from its own batches (training.outliers).
 OutlierKind = Literal["rotate", "flip", "patches", "splice", "bands"]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hnet_serve.drift import weight_drift  # noqa: F401 - re-exported: add-task and tests use it here
 from hnet_serve.model import HNetModel
 from hnet_serve.training.data import (
     DataError,
@@ -74,13 +75,6 @@ def continual_metrics(matrix: list[list[float | None]]) -> dict[str, float | Non
     forget = [max(matrix[i][j] for i in range(j, t - 1)) - matrix[-1][j] for j in range(t - 1)]
     out.update(bwt=float(np.mean(bwt)), forgetting=float(np.mean(forget)))
     return out
-
-
-def weight_drift(before: torch.Tensor, after: torch.Tensor) -> list[float]:
-    """Relative change of generated weights per task: ``||after - before|| / ||before||``."""
-    num = (after - before).norm(dim=1)  # (K,)
-    den = before.norm(dim=1).clamp_min(1e-12)
-    return (num / den).tolist()
 
 
 def evaluate_model(model: HNetModel, tasks: dict[str, TaskData], batch_size: int = 1000

@@ -45,6 +45,7 @@ class AdaptiveBatcher:
         self._worker: asyncio.Task[None] | None = None
         self.batches = 0
         self.batched_requests = 0
+        self.in_flight = 0  # requests queued or running (read on the event loop: no lock)
 
     async def predict(self, task: str | None, x: np.ndarray) -> Prediction:
         loop = asyncio.get_running_loop()
@@ -54,7 +55,11 @@ class AdaptiveBatcher:
         fut: asyncio.Future[Prediction] = loop.create_future()
         self._pending.append(_Pending(task, x, fut))
         self._wake.set()
-        return await fut
+        self.in_flight += 1
+        try:
+            return await fut
+        finally:
+            self.in_flight -= 1
 
     def _take(self) -> list[_Pending]:
         batch = [self._pending.popleft()]

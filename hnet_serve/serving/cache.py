@@ -143,6 +143,13 @@ class WeightCache(Generic[V]):
         """Load ``keys`` now (one batched load for the missing ones)."""
         self.get_many(keys)
 
+    def resize(self, capacity_bytes: int) -> None:
+        """A new byte budget; unpinned entries over it are evicted now, least recent first (a
+        replaced version's cache is resized to 0 while its last requests finish)."""
+        with self._lock:
+            self.capacity_bytes = max(0, int(capacity_bytes))
+            self._evict_to(self.capacity_bytes)
+
     def pin(self, key: str) -> None:
         with self._lock:
             self._pinned.add(key)

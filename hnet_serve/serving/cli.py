@@ -3,7 +3,9 @@
 The checkpoint is validated and stored as ``hnet:<content hash prefix>`` (``hnet_serve.serving.store``),
 then ``bentoml serve hnet_serve.serving.service:HNetService`` runs in a child process with
 ``HNET_MODEL_TAG`` and the serving options in its environment, until it stops or is
-interrupted (Ctrl-C / SIGTERM are passed on and the child is waited for).
+interrupted (Ctrl-C / SIGTERM are passed on and the child is waited for). With ``--watch`` this
+process also polls DIR and reloads the service when a new checkpoint replaces it
+(:mod:`hnet_serve.serving.watch`). ``hnet-serve reload URL`` is the admin call's CLI.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from hnet_serve.errors import ConfigError
 
@@ -54,7 +58,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--import-only", action="store_true",
                    help="only import the checkpoint into the BentoML model store and print its "
                    "tag (then: HNET_MODEL_TAG=<tag> bentoml build)")
+    p.add_argument("--watch", action="store_true",
+                   help="reload by itself when the checkpoint at CHECKPOINT is replaced (as "
+                   "add-task and train write it, atomically); an incomplete one is never loaded")
+    p.add_argument("--watch-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between two looks at CHECKPOINT with --watch (default 1)")
     p.set_defaults(func=_cmd_serve)
+
+    r = sub.add_parser(
+        "reload",
+        help="reload a running service's checkpoint (POST /admin/reload) or roll it back",
+        description="Ask the service at URL to load another checkpoint (a directory on the "
+        "server, or a model tag hnet:<version>) without a restart; old tasks are checked first "
+        "(refused if one is dropped or moved, unless --force). The admin token comes from "
+        "HNET_ADMIN_TOKEN or HNET_ADMIN_TOKEN_FILE, as on the server. Prints the answer as JSON.",
+    )
+    r.add_argument("url", help="the service, e.g. http://127.0.0.1:3000")
+    r.add_argument("--checkpoint", default=None,
+                   help="directory or model tag (default: the served source, read again)")
+    r.add_argument("--force", action="store_true", help="reload even if old tasks change")
+    r.add_argument("--rollback", action="store_true",
+                   help="swap back to the previous version instead (POST /admin/rollback)")
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+    r.set_defaults(func=_cmd_reload, json=True)
 
 
 def serve_env(args: argparse.Namespace, tag: str) -> dict[str, str]:
@@ -73,6 +99,14 @@ def serve_env(args: argparse.Namespace, tag: str) -> dict[str, str]:
         env["HNET_BACKEND"] = args.backend
     if args.cache_bytes is not None:
         env["HNET_CACHE_BYTES"] = str(args.cache_bytes)
+    if getattr(args, "watch", False):
+        from hnet_serve.serving.admin import TOKEN_ENV, admin_token
+
+        token = admin_token(env)
+        if token is None:  # admin routes on, with a token only this process and the server know
+            token = secrets.token_urlsafe(32)
+            env[TOKEN_ENV] = token
+        args.watch_token = token
     # Fail here, with a clear message, rather than in the server's log.
     ServingConfig.from_env(env)
     return env
@@ -153,6 +187,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"hnet-serve: checkpoint stored as {server.tag}; serving on {server.url} "
               "(Ctrl-C to stop)", file=sys.stderr)
     proc = server.proc
+    watcher = start_watcher(args, server) if args.watch else None
 
     def _forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)
@@ -165,3 +200,47 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if watcher is not None:
+            watcher.stop()
+
+
+def start_watcher(args: argparse.Namespace, server: Server) -> Any:
+    """Poll ``args.checkpoint`` in a thread once the server is ready (``serve --watch``)."""
+    import threading
+    import time
+
+    import httpx
+
+    from hnet_serve.serving.store import import_checkpoint
+    from hnet_serve.serving.watch import CheckpointWatcher, admin_call
+
+    token = args.watch_token  # serve_env chose it
+    watcher = CheckpointWatcher(
+        args.checkpoint, stage=import_checkpoint, interval=args.watch_interval,
+        reload=lambda tag: admin_call(server.url, "reload", {"checkpoint": tag}, token=token))
+
+    def run() -> None:
+        while server.proc.poll() is None:  # ready first: a reload needs a serving version
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        watcher.run()
+
+    threading.Thread(target=run, name="hnet-watch", daemon=True).start()
+    return watcher
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from hnet_serve.console import print_json
+    from hnet_serve.serving.watch import admin_call
+
+    if args.rollback and (args.checkpoint or args.force):
+        raise ConfigError("--rollback takes no --checkpoint or --force")
+    body: dict[str, Any] = {} if args.rollback else {"checkpoint": args.checkpoint,
+                                                     "force": args.force}
+    print_json(admin_call(args.url, "rollback" if args.rollback else "reload", body,
+                          timeout=args.timeout))
+    return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,8 +272,10 @@ class OpenAPIMiddleware:
 
 
 class VersionHeaderMiddleware:
-    """``x-hnet-version: <content hash of the served checkpoint>`` on every HTTP response once
-    the checkpoint is loaded, so a client knows which version answered (docs/serving.md)."""
+    """``x-hnet-version: <content hash>`` on every HTTP response once the checkpoint is loaded,
+    so a client knows which version answered (docs/serving.md). A request that ran on a version
+    names that one (:func:`note_version`), even when a reload swapped versions meanwhile; other
+    responses name the version served when they start."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -281,18 +284,35 @@ class VersionHeaderMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        try:
-            version = bentoml.get_current_service().version_header
-        except Exception:  # noqa: BLE001 - no instance yet: no header
-            version = None
-        if version is None:
-            await self.app(scope, receive, send)
-            return
+        answered: dict[str, bytes] = {}  # shared with the handler, whatever task runs it
+        token = _ANSWERED_BY.set(answered)
 
         async def send_with_version(message: dict) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"x-hnet-version", version)]}
+                version = answered.get("version") or _served_version()
+                if version is not None:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-hnet-version", version)]}
             await send(message)
 
-        await self.app(scope, receive, send_with_version)
+        try:
+            await self.app(scope, receive, send_with_version)
+        finally:
+            _ANSWERED_BY.reset(token)
+
+
+_ANSWERED_BY: ContextVar[dict[str, bytes] | None] = ContextVar("hnet_answered_by", default=None)
+
+
+def note_version(version: str) -> None:
+    """Record that the current request runs on ``version`` (its ``x-hnet-version``)."""
+    answered = _ANSWERED_BY.get()
+    if answered is not None:
+        answered["version"] = version.encode()
+
+
+def _served_version() -> bytes | None:
+    try:
+        return bentoml.get_current_service().version_header
+    except Exception:  # noqa: BLE001 - no instance yet: no header
+        return None

@@ -39,7 +39,12 @@ from starlette.routing import Route
 
 from hnet_serve import __version__
 from hnet_serve.errors import HNetError, InputError, UnknownTaskError
-from hnet_serve.serving.http import OpenAPIMiddleware, error_response, openapi_document
+from hnet_serve.serving.http import (
+    OpenAPIMiddleware,
+    error_response,
+    note_version,
+    openapi_document,
+)
 
 VERSION = "1"  # every model has one version: the loaded checkpoint
 HEADER_LENGTH = "inference-header-content-length"
@@ -62,7 +67,7 @@ def _service() -> Any:
     except Exception:  # noqa: BLE001 - no instance yet
         raise _NotReady(error_response(503, "service is starting", "NotReady")) from None
     if svc.runtime is None or svc.batcher is None:
-        raise _NotReady(svc._not_ready())
+        raise _NotReady(svc.not_ready_response())
     return svc
 
 
@@ -277,14 +282,16 @@ def infer_response(name: str, request_id: Any, tensors: dict[str, np.ndarray],
 
 async def _infer(svc: Any, request: Request) -> Response:
     name, task = _model(svc, request)
-    runtime = svc.runtime
     body = _decode_body(await request.body(), request.headers.get("content-encoding"),
                         int(svc.config.max_request_bytes))
     header, binary = _split(body, request.headers.get(HEADER_LENGTH))
     request_id = _field(header, "id", str, "inference request")
     chosen = _requested(header, TASK_OUTPUTS if task else INFER_OUTPUTS)
+    live = svc.live  # one version for the whole request, taken after the body is read
+    runtime = live.runtime
+    note_version(live.version)
     x = runtime.validate_inputs(_input_array(header, binary), task)
-    pred = await svc.batcher.predict(task, x)
+    pred = await live.batcher.predict(task, x)
     svc.record_request(task)
     return infer_response(name, request_id, _tensors(pred, runtime), chosen)
 
@@ -339,7 +346,7 @@ def _path_params(versioned: bool) -> list[dict[str, Any]]:
 
 
 def openapi_paths() -> dict[str, Any]:
-    """OpenAPI path items of the v2 routes and of ``GET /tasks`` (mounted apps, which BentoML's
+    """OpenAPI path items of the v2 routes and of ``GET /tasks``, ``GET /version`` (mounted apps, which BentoML's
     document leaves out)."""
     obj = {"application/json": {"schema": {"type": "object"}}}
     empty = {"description": "yes"}
@@ -363,7 +370,11 @@ def openapi_paths() -> dict[str, Any]:
         "/tasks": {"get": _op("every task and the cache statistics",
                               {"description": "tasks", "content": obj}, [])},
     }
-    paths["/tasks"]["get"]["tags"] = ["Service APIs"]
+    paths["/version"] = {"get": _op("the served checkpoint's version (content hash), the "
+                                    "previous one, its tasks, when and from where it was loaded",
+                                    {"description": "version", "content": obj}, [])}
+    for route in ("/tasks", "/version"):
+        paths[route]["get"]["tags"] = ["Service APIs"]
     for base, versioned in ((_MODEL, False), (_VERSION, True)):
         params = _path_params(versioned)
         paths[base] = {"get": _op("model metadata", {"description": "metadata",

@@ -8,10 +8,14 @@ Routes
   ``/v2/...``        the Open Inference Protocol (KServe v2), see :mod:`hnet_serve.serving.oip`
   ``/livez``, ``/readyz`` (BentoML's; ready only once the checkpoint is loaded), ``/metrics``
   (BentoML's plus ``hnet_cache_*`` and ``hnet_requests_total{task}``).
+  ``GET /version``   the served version (content hash; ``x-hnet-version`` on every response)
+  ``POST /admin/reload``, ``POST /admin/rollback``  live versions, token-protected: admin.py,
+                     versions.py
 
 The checkpoint comes from the BentoML model store (``HNET_MODEL_TAG``, default ``hnet:latest``,
-declared as a class-level ``BentoModel`` so ``bentoml build`` packs it) or from a directory
-(``HNET_CHECKPOINT``); every other setting is a :class:`~hnet_serve.serving.config.ServingConfig` field
+declared as a class-level ``BentoModel`` so ``bentoml build`` packs it; run from a Bento, the
+model it packed unless ``HNET_MODEL_TAG`` is set at run time: :func:`served_model`) or from a
+directory (``HNET_CHECKPOINT``); every other setting is a :class:`~hnet_serve.serving.config.ServingConfig` field
 read from ``HNET_*`` variables or the file named by ``HNET_CONFIG`` (docs/serving.md).
 
 Loading runs in a background thread, so ``/livez`` answers at once and ``/readyz`` stays 503
@@ -32,7 +36,6 @@ import os
 import re
 import threading
 from collections import Counter
-from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import bentoml
@@ -43,7 +46,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from hnet_serve.errors import HNetError
-from hnet_serve.serving.batching import AdaptiveBatcher
+from hnet_serve.serving.admin import admin_app
 from hnet_serve.serving.config import ServingConfig
 from hnet_serve.serving.http import (
     JsonBodyMiddleware,
@@ -51,10 +54,12 @@ from hnet_serve.serving.http import (
     VersionHeaderMiddleware,
     error_response,
     install_client_error_log_filter,
+    note_version,
 )
 from hnet_serve.serving.metrics import install_route_labels, metrics_text
 from hnet_serve.serving.oip import ProtocolMiddleware, oip_app
 from hnet_serve.serving.runtime import Runtime
+from hnet_serve.serving.versions import LiveVersion, VersionSwitch, build_version, load_candidate
 
 # Under "bentoml" so that `bentoml serve`'s logging setup formats and shows these lines.
 logger = logging.getLogger("bentoml.hnet_serve")
@@ -88,6 +93,7 @@ tasks_app = Starlette(routes=[Route("/tasks", _service_get("tasks_response"), me
 
 
 # -- the service --------------------------------------------------------------------------
+@bentoml.asgi_app(admin_app, path="/admin", name="admin")  # reload, rollback: admin.py
 @bentoml.asgi_app(oip_app, path="/", name="oip")  # the Open Inference Protocol: oip.py
 @bentoml.asgi_app(tasks_app, path="/", name="tasks")
 @bentoml.service(
@@ -103,13 +109,10 @@ class HNetService:
 
     def __init__(self) -> None:
         self.config: ServingConfig = ServingConfig()
-        self.runtime: Runtime | None = None
-        self.batcher: AdaptiveBatcher | None = None
+        # the served version (runtime, batcher, version record) and reloads: versions.py
+        self.versions = VersionSwitch(self.config)
         self.load_error: str | None = None
         self.checkpoint_path: str | None = None
-        # {"version", "previous", "tasks", "loaded_at", "source"} of the served checkpoint;
-        # its content hash is its version (x-hnet-version on every response, GET /version)
-        self.version_info: dict[str, Any] | None = None
         self._requests: Counter[str] = Counter()
         self._requests_lock = threading.Lock()
         self._ready = threading.Event()
@@ -118,31 +121,25 @@ class HNetService:
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self) -> None:
-        from hnet_serve.checkpoint import checkpoint_hash, load_checkpoint
-
         try:
             self.config = ServingConfig.from_env()
+            self.versions.config = self.config
             if self.config.checkpoint:
                 path = source = self.config.checkpoint
             else:
                 from hnet_serve.serving.store import checkpoint_dir
 
-                path, source = str(checkpoint_dir(self.model)), str(self.model.tag)
+                stored, why = served_model(self.model)
+                logger.info("hnet-serve: serving model %s (%s)", stored.tag, why)
+                path, source = str(checkpoint_dir(stored)), str(stored.tag)
             self.checkpoint_path = path
-            model = load_checkpoint(path)
-            runtime = Runtime(model, self.config.model_copy(update={"checkpoint": path}))
-            self.batcher = AdaptiveBatcher(runtime)
-            self.version_info = {
-                "version": checkpoint_hash(path), "previous": None,
-                "tasks": list(model.task_names), "source": source,
-                "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            self.runtime = runtime
-            logger.info("hnet-serve: serving version %s (%s)", self.version_info["version"],
-                        source)
+            model, version = load_candidate(path)
+            live = build_version(model, version, path, source, self.config)
+            self.versions.current = live
+            logger.info("hnet-serve: serving version %s (%s)", version, source)
             logger.info(
                 "hnet-serve: ready: %d tasks from %s (backend %s, cache %d bytes)",
-                len(model.registry), path, runtime.backend.name, self.config.cache_bytes,
+                len(model.registry), path, live.runtime.backend.name, self.config.cache_bytes,
             )
         except Exception as exc:  # noqa: BLE001 - every failure must leave the service unready
             where = self.checkpoint_path or f"model {MODEL_TAG}"
@@ -153,6 +150,25 @@ class HNetService:
             )
         finally:
             self._ready.set()
+
+    # The served version's parts; a request takes ``live`` once and uses only that.
+    @property
+    def live(self) -> LiveVersion | None:
+        return self.versions.current
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self.live.runtime if self.live is not None else None
+
+    @property
+    def batcher(self) -> Any:
+        return self.live.batcher if self.live is not None else None
+
+    @property
+    def version_info(self) -> dict[str, Any] | None:
+        """``{"version", "previous", "tasks", "loaded_at", "source"}`` of the served checkpoint;
+        its content hash is its version (x-hnet-version on every response, GET /version)."""
+        return self.live.info if self.live is not None else None
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Block until loading finished (successfully or not); True when ready to serve."""
@@ -192,9 +208,11 @@ class HNetService:
         ] = 3,
     ) -> dict[str, Any]:
         """Predict ``inputs`` under ``task``; without a task, infer it per row (HNET+ENT)."""
-        runtime, batcher = self.runtime, self.batcher
-        if runtime is None or batcher is None:
+        live = self.live  # one version for the whole request (a reload may swap meanwhile)
+        if live is None:
             return self.not_ready_response()  # type: ignore[return-value]
+        runtime, batcher = live.runtime, live.batcher
+        note_version(live.version)
         try:
             x = runtime.validate_inputs(inputs, task)
             pred = await batcher.predict(task, x)
@@ -214,14 +232,18 @@ class HNetService:
         return self.tasks_response()  # type: ignore[return-value]
 
     def tasks_response(self) -> JSONResponse:
-        if self.runtime is None or self.version_info is None:
+        live = self.live
+        if live is None:
             return self.not_ready_response()
-        return JSONResponse({"version": self.version_info["version"], **self.runtime.info()})
+        note_version(live.version)
+        return JSONResponse({"version": live.version, **live.runtime.info()})
 
     def version_response(self) -> JSONResponse:
-        if self.version_info is None:
+        live = self.live
+        if live is None:
             return self.not_ready_response()
-        return JSONResponse(self.version_info)
+        note_version(live.version)
+        return JSONResponse(live.info)
 
     @bentoml.api(route="/version")
     async def version(self) -> dict[str, Any]:
@@ -250,8 +272,26 @@ class HNetService:
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        if self.live is not None:
+            self.live.batcher.close()
+
+
+def served_model(default: Any) -> tuple[Any, str]:
+    """The model-store model to serve and why: ``HNET_MODEL_TAG`` when set at run time (a
+    deliberate override), else the model a Bento packed when this runs from one (recorded in its
+    bento.yaml at ``bentoml build``: a Bento serves what it was built with, whatever
+    ``hnet:latest`` is in the store it runs next to), else ``hnet:latest``."""
+    override = os.environ.get(MODEL_TAG_ENV)
+    if override:
+        return bentoml.models.BentoModel(override).resolve(), f"{MODEL_TAG_ENV} at run time"
+    bento = getattr(HNetService, "bento", None)
+    if bento is not None:
+        for info in bento.info.services:
+            if info.name == HNetService.name and info.models:
+                packed = info.models[0].tag
+                return (bentoml.models.BentoModel(packed).resolve(),
+                        f"packed in the Bento {bento.tag}")
+    return default, "the default tag"
 
 
 def redact_paths(message: str, known: list[str | None]) -> str:
