@@ -93,6 +93,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                               "task_emb_dim": 32}}),
     "derived-1.0-reg4": ("derived-1.0 regularizing a random 4 of the old tasks per step",
                          {"reg_tasks": 4, "derive": {"ratio": 1.0}}),
+    "derived-1.0-lr2e-3": ("derived-1.0 with Adam lr 2e-3", {"lr": 2e-3, "derive": {"ratio": 1.0}}),
+    "derived-1.0-lr5e-4": ("derived-1.0 with Adam lr 5e-4", {"lr": 5e-4, "derive": {"ratio": 1.0}}),
     "independent-1000": ("one fresh MLP 1000-1000 per task (the paper's PermutedMNIST target)",
                          {"method": "independent", **_T1000}),
     "derived-1.0-t1000": ("MLP 1000-1000 target, sizes from `derive_hypernet(n, tasks, 1.0)`",
