@@ -23,6 +23,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
     ("serving", "benchmarks.bench_serving", []),
     ("protocols", "benchmarks.bench_protocols", []),
     ("scoring", "benchmarks.bench_scoring", []),
+    ("startup", "benchmarks.bench_startup", []),
     ("accuracy", "benchmarks.bench_accuracy", []),
     ("reproduction-split-mnist", "benchmarks.bench_reproduction",
      ["--benchmark", "split-mnist"]),

@@ -14,5 +14,12 @@ __version__ = "0.1.0"
 # at its first allocation, so it only takes effect when hnet_serve is imported before any tensor
 # is created (true for the CLI, the service and the benchmarks). Set it to 0 to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# PyTorch's OpenMP worker threads spin while they wait for work by default. When other
+# processes hold a core (a shared machine, a busy container), a spinning thread keeps the one
+# doing the work off the CPU: the torch backend at batch 64 with 2 threads measured 102 ms per
+# call instead of 9 ms (10x; the docs' "torch, 2 threads" scoring row), with passive waiting
+# 9.2 ms. OpenMP reads this once, when torch loads: effective when hnet_serve is imported
+# first (the CLI, the service). Set OMP_WAIT_POLICY=ACTIVE to opt out.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __all__ = ["__version__"]

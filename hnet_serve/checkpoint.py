@@ -116,6 +116,23 @@ def build_manifest(model: HNetModel, tensors: dict[str, torch.Tensor]) -> dict[s
     }
 
 
+def _serialize(model: HNetModel) -> tuple[bytes, dict[str, Any]]:
+    """The weights file's bytes and the manifest (with its content hash) ``model`` saves as."""
+    tensors = state_tensors(model)
+    # One metadata key: safetensors writes a map's keys in no fixed order, and the file's bytes
+    # must be deterministic for the content hash.
+    weights = st_save(tensors, metadata={"format": f"hnet-serve/{FORMAT_VERSION}"})
+    manifest = build_manifest(model, tensors)
+    manifest["content_hash"] = _content_hash(manifest, weights)
+    return weights, manifest
+
+
+def state_hash(model: HNetModel) -> str:
+    """The content hash :func:`save_checkpoint` would record for ``model`` now, without
+    writing anything (equal to the checkpoint's hash for a model loaded and not changed)."""
+    return str(_serialize(model)[1]["content_hash"])
+
+
 def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=None) -> str:
     """Write ``model`` to directory ``path`` atomically; returns the content hash.
 
@@ -131,12 +148,7 @@ def save_checkpoint(model: HNetModel, path: str | os.PathLike, *, _before_swap=N
     if path.is_symlink() or why is not None:
         raise CheckpointError(f"{path} is not a checkpoint directory ({why or 'a symbolic link'})"
                               "; it is never replaced")
-    tensors = state_tensors(model)
-    # One metadata key: safetensors writes a map's keys in no fixed order, and the file's bytes
-    # must be deterministic for the content hash.
-    weights = st_save(tensors, metadata={"format": f"hnet-serve/{FORMAT_VERSION}"})
-    manifest = build_manifest(model, tensors)
-    manifest["content_hash"] = _content_hash(manifest, weights)
+    weights, manifest = _serialize(model)
 
     tmp = temp_sibling(path)
     try:

@@ -26,10 +26,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,6 +39,7 @@ from torch.func import functional_call
 
 from hnet_serve import __version__
 from hnet_serve.errors import ExportError, InputError
+from hnet_serve.graph_cache import cached_graph, write_graph_entry
 from hnet_serve.onnx_mlp import mlp_template
 from hnet_serve.targets import MLPTarget, TargetNet, build_target
 
@@ -66,8 +65,6 @@ META_CHECKPOINT_HASH = "hnet_serve.checkpoint_hash"  # sha256 content hash of th
 META_VERSION = "hnet_serve.version"  # package version that wrote the file
 META_TASKS = "hnet_serve.tasks"  # dynamic graph: JSON list of task names, by task_index
 META_GRAPH_KIND = "hnet_serve.graph"  # "task" or "dynamic"
-# checkpoint_hash of a model whose state could not be hashed (no writable temp directory).
-UNKNOWN_HASH = "unknown"
 
 # Example batch used while tracing; the batch dimension is symbolic, so any size runs.
 TRACE_BATCH = 3
@@ -78,16 +75,11 @@ def model_state_hash(model: HNetModel) -> str:
     """The content hash :func:`~hnet_serve.checkpoint.save_checkpoint` records for ``model`` now.
 
     For a model loaded from an unmodified checkpoint this equals that checkpoint's hash. It is
-    obtained by saving to a temporary directory (the checkpoint format owns its hash; this never
-    re-implements it). Returns ``UNKNOWN_HASH`` if no temporary directory can be written.
+    computed by the checkpoint format's own serializer, in memory (never re-implemented here).
     """
-    from hnet_serve.checkpoint import save_checkpoint
+    from hnet_serve.checkpoint import state_hash
 
-    try:
-        with tempfile.TemporaryDirectory(prefix="hnet-serve-hash-") as tmp:
-            return save_checkpoint(model, Path(tmp) / "checkpoint")
-    except OSError:
-        return UNKNOWN_HASH
+    return state_hash(model)
 
 
 @contextlib.contextmanager
@@ -257,6 +249,28 @@ def _inputs_to_initializers(proto: onnx.ModelProto, keep: list[str],
 
 
 # -- per-task graphs -----------------------------------------------------------------------
+def _trace_template(twin: TargetNet, x: torch.Tensor, columns: torch.Tensor,
+                    example: list[torch.Tensor], names: list[str],
+                    opset: int | None) -> tuple[onnx.ModelProto, list[str]]:
+    """Trace ``twin`` into a weightless template; returns it and the initializer names."""
+    cfg = twin.config
+    # (torch.export.Dim imports the exporter's symbolic-shape machinery: tracing only)
+    dyn = {"x": {0: torch.export.Dim(BATCH_DIM)}, "columns": None,
+           "tensors": tuple(None for _ in example)}
+    proto = trace_to_onnx(_BakedTarget(twin), (x, columns, tuple(example)), dyn,
+                          [INPUT_NAME, COLUMNS_NAME, *names], opset)
+    expected = {n: (s, TensorProto.FLOAT) for n, s in twin.param_shapes.items()}
+    expected.update({n: (s, TensorProto.FLOAT) for n, s in twin.buffer_shapes.items()})
+    expected[COLUMNS_NAME] = ((cfg.num_classes,), TensorProto.INT64)
+    used = _inputs_to_initializers(proto, [INPUT_NAME], expected)
+    if COLUMNS_NAME not in used:
+        raise ExportError("traced graph does not read the head columns")
+    strip(proto)
+    set_dims(proto.graph.input[0], [BATCH_DIM, *cfg.input_shape])
+    return proto, used
+
+
+
 class _BakedTarget(nn.Module):
     """What gets traced: ``(input, columns, *params, *buffers) -> logits[:, columns]``."""
 
@@ -309,32 +323,38 @@ class TaskGraph:
         reserved = {INPUT_NAME, OUTPUT_NAME, COLUMNS_NAME}
         if reserved & set(names):
             raise ExportError(f"target names clash with reserved ONNX names: {reserved & set(names)}")
+        content_hash = checkpoint_hash or model_state_hash(model)
         if isinstance(twin, MLPTarget) and opset is None:
             proto = mlp_template(twin.config, names, input_name=INPUT_NAME,
                                  output_name=OUTPUT_NAME, columns_name=COLUMNS_NAME)
             graph = cls(model, proto, [COLUMNS_NAME, *names], opset=opset_of(proto),
-                        checkpoint_hash=checkpoint_hash or model_state_hash(model))
+                        checkpoint_hash=content_hash)
             if check:
                 graph._check_mapping(twin, example, x)
             return graph
-        # (torch.export.Dim imports the exporter's symbolic-shape machinery: tracing only)
-        dyn = {"x": {0: torch.export.Dim(BATCH_DIM)}, "columns": None,
-               "tensors": tuple(None for _ in example)}
-        proto = trace_to_onnx(_BakedTarget(twin), (x, columns, tuple(example)), dyn,
-                        [INPUT_NAME, COLUMNS_NAME, *names], opset)
 
-        expected = {n: (s, TensorProto.FLOAT) for n, s in twin.param_shapes.items()}
-        expected.update({n: (s, TensorProto.FLOAT) for n, s in twin.buffer_shapes.items()})
-        expected[COLUMNS_NAME] = ((cfg.num_classes,), TensorProto.INT64)
-        used = _inputs_to_initializers(proto, [INPUT_NAME], expected)
-        if COLUMNS_NAME not in used:
-            raise ExportError("traced graph does not read the head columns")
-        strip(proto)
-        set_dims(proto.graph.input[0], [BATCH_DIM, *cfg.input_shape])
-        graph = cls(model, proto, used, opset=opset_of(proto),
-                    checkpoint_hash=checkpoint_hash or model_state_hash(model))
-        if check:
-            graph._check_mapping(twin, example, x)
+        def trace() -> tuple[onnx.ModelProto, dict[str, Any]]:
+            proto, used = _trace_template(twin, x, columns, example, names, opset)
+            return proto, {"initializers": used}
+
+        # Tracing takes seconds: the template is cached per checkpoint and target (graph_cache)
+        proto, extra, hit = cached_graph(model, content_hash, kind="task", opset=opset,
+                                         build=trace)
+        graph = cls(model, proto, list(extra["initializers"]), opset=opset_of(proto),
+                    checkpoint_hash=content_hash)
+        if check or hit:  # a cached graph is always checked before it is used
+            try:
+                graph._check_mapping(twin, example, x)
+            except Exception as exc:
+                if not hit:
+                    raise
+                # A cache entry that does not reproduce the target is never served: retrace.
+                logging.getLogger(__name__).warning("cached graph rejected (%s); retracing", exc)
+                proto, extra = trace()
+                write_graph_entry(model, content_hash, "task", opset, proto, extra)
+                graph = cls(model, proto, list(extra["initializers"]), opset=opset_of(proto),
+                            checkpoint_hash=content_hash)
+                graph._check_mapping(twin, example, x)
         return graph
 
     def _check_mapping(self, twin: TargetNet, example: list[torch.Tensor], x: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks import run_all
 
-HELPERS = {"__init__", "_report", "hypnettorch_ref", "run_all"}
+HELPERS = {"__init__", "_report", "_timing", "hypnettorch_ref", "run_all"}
 
 
 def test_run_all_names_every_benchmark_script_and_each_has_a_main(capsys):

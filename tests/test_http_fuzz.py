@@ -359,7 +359,7 @@ def test_tasks_route_contract(client):
     r = client.get("/tasks", params={"junk": "\u202e" * 100})
     assert r.status_code == 200
     body = r.json()
-    assert body["backend"] == "torch" and [t["name"] for t in body["tasks"]] == TASKS
+    assert body["backend"] == "onnx" and [t["name"] for t in body["tasks"]] == TASKS  # default
     for t in body["tasks"]:
         assert t["input_shape"] == [INPUT] and isinstance(t["cached"], bool)
         assert isinstance(t["pinned"], bool) and t["num_classes"] in (2, 3)

@@ -132,6 +132,35 @@ def test_bad_inputs_are_input_errors(inputs, message):
         rt.predict("task-0", inputs)
 
 
+def test_large_finite_values_are_not_mistaken_for_overflow():
+    # the finiteness check sums squares: 3e38 squared overflows float32, yet every value is finite
+    # (small inputs take np.isfinite, large ones the dot product: both are checked)
+    rt = Runtime(tiny_mlp_model(), ServingConfig(max_rows=10_000))
+    for n in (2, 6000):
+        x = np.full((n, 12), 3e38, np.float32)
+        np.testing.assert_array_equal(rt.validate_inputs(x, "task-0"), x)
+        x[1, 5] = np.nan
+        with pytest.raises(InputError, match="first in row 1"):
+            rt.validate_inputs(x, "task-0")
+        x[1, 5], x[-1, 0] = 1.0, -np.inf
+        with pytest.raises(InputError, match=f"first in row {n - 1}"):
+            rt.validate_inputs(x, "task-0")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_task_logits_are_what_predict_decides_from(backend):
+    model = tiny_mlp_model()
+    rt = Runtime(model, ServingConfig(backend=backend))
+    x = np.random.default_rng(3).uniform(0, 1, (9, 12)).astype(np.float32)
+    logits = rt.task_logits("task-1", x)
+    pred = rt.predict("task-1", x)
+    assert logits.shape == (9, 3) and logits.dtype == np.float32
+    np.testing.assert_array_equal(pred.predictions, logits.argmax(1))
+    np.testing.assert_allclose(pred.probabilities, reference_probs(model, "task-1", x), atol=1e-5)
+    with pytest.raises(InputError, match="NaN or inf"):
+        rt.task_logits("task-1", np.full((1, 12), np.inf, np.float32))
+
+
 def test_validate_accepts_ints_and_nested_image_rows():
     rt = Runtime(tiny_resnet_model())
     x = rt.validate_inputs(np.ones((2, 3, 8, 8), dtype=np.int64).tolist(), "img-0")
@@ -254,7 +283,8 @@ def test_select_by_entropy_rule_and_temperature():
 def test_pinned_and_warm_tasks():
     model = tiny_mlp_model(6)
     per_task = backends.nbytes_estimate(model)
-    cfg = ServingConfig(cache_bytes=3 * per_task, pinned=["task-0"], warm=["task-1"])
+    cfg = ServingConfig(backend="torch", cache_bytes=3 * per_task, pinned=["task-0"],
+                        warm=["task-1"])  # per_task is the torch backend's size
     rt = Runtime(model, cfg)
     assert set(rt.cache.keys()) == {"task-0", "task-1"}
     assert rt.cache.stats()["loads"] == 1  # pinned + warm in one batched call

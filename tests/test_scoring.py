@@ -540,3 +540,22 @@ def test_memory_stays_flat_on_a_file_10x_the_chunk(tmp_path):
         growth[ext] = json.loads(out.strip().splitlines()[-1])["growth"]
     # Holding the whole 10x file would add at least its 14 MB more than the 3-chunk file's.
     assert all(g < 0.25 * file_bytes for g in growth.values()), growth
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_given_task_predictions_do_not_depend_on_writing_probabilities(tmp_path, ckpt, x, backend):
+    # with one given task the scorer takes the logits' argmax and computes probabilities only
+    # when it writes them: both runs, and the runtime, must agree row for row
+    rt = Runtime.from_checkpoint(ckpt, backend=backend, max_rows=64)  # several slices per chunk
+    np.save(tmp_path / "x.npy", x)
+    outs = {}
+    for probs in (False, True):
+        out = tmp_path / f"o{probs}.npy"
+        score_file(rt, tmp_path / "x.npy", out, task="task-1", probabilities=probs,
+                   batch_size=100, progress=False)
+        outs[probs] = np.load(out)
+    want = rt.predict("task-1", x[:64])
+    np.testing.assert_array_equal(outs[False]["prediction"], outs[True]["prediction"])
+    np.testing.assert_array_equal(outs[False]["prediction"][:64], want.predictions)
+    np.testing.assert_allclose(outs[True]["probabilities"][:64, :3], want.probabilities, atol=1e-6)
+    assert len(np.unique(outs[False]["prediction"])) > 1

@@ -109,6 +109,7 @@ class Scorer:
 
     def _score(self, chunk: Chunk, bad: dict[int, str]) -> ScoredBatch:
         from hnet_serve.scoring.chunks import Reject
+        from hnet_serve.task_inference import softmax
 
         column = self.config.task_column is not None
         rejects = sorted(
@@ -134,6 +135,8 @@ class Scorer:
         m = x.shape[0]
         task_idx = np.empty(m, dtype=np.int32)
         preds = np.empty(m, dtype=np.int64)
+        if self.config.task is not None:
+            task_idx[:] = 0
         confidence = np.full(m, np.nan, dtype=np.float32)  # inferred rows' confidence
         probs = (
             np.zeros((m, self.schema.num_probabilities), dtype=np.float32)
@@ -141,13 +144,19 @@ class Scorer:
         )
         for lo in range(0, m, self.step):
             hi = min(m, lo + self.step)
+            if self.config.task is not None and not column:
+                # One given task: argmax of the logits (softmax keeps the order), probabilities
+                # only when they are written.
+                logits = self.runtime.task_logits(self.config.task, x[lo:hi])  # (b, C)
+                preds[lo:hi] = logits.argmax(1)
+                if probs is not None:
+                    probs[lo:hi, : logits.shape[1]] = softmax(logits)
+                continue
             if column:
                 pred = self.runtime.predict_mixed(tasks[lo:hi], x[lo:hi])
             else:
                 pred = self.runtime.predict(self.config.task, x[lo:hi])
-            if self.config.task is not None:
-                task_idx[lo:hi] = 0
-            else:
+            if self.config.task is None:
                 task_idx[lo:hi] = [self._index[t] for t in pred.tasks]
             preds[lo:hi] = pred.predictions
             if pred.confidence is not None:

@@ -35,6 +35,9 @@ from hnet_serve.task_inference import select_by_entropy, softmax
 # them in steps: the cache bounds the weights it keeps, this bounds the ones alive for one
 # request, whatever the number of tasks or concurrent requests (docs/reliability.md).
 STEP_BYTES = 64 * MiB
+# Inputs of at most this many values are checked for NaN/inf with np.isfinite (no floating-point
+# state to save and restore); larger ones with one dot product (see validate_inputs).
+_SMALL_VALUES = 1 << 16
 
 @dataclass
 class Prediction:
@@ -211,11 +214,21 @@ class Runtime:
                 f"got rows of shape {list(arr.shape[1:])}"
             )
         arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(n, *shape)
-        # One float64 reduction: NaN and inf propagate through a sum, and float32 values cannot
-        # overflow a float64 sum, so a finite sum means every value is finite.
-        if not math.isfinite(float(arr.sum(dtype=np.float64))):
-            bad = int(np.argwhere(~np.isfinite(arr.reshape(n, -1)))[0, 0])
-            raise InputError(f"inputs hold NaN or inf (first in row {bad}) or overflow float32")
+        flat = arr.reshape(-1)
+        if flat.size <= _SMALL_VALUES:  # a request: one pass, no temporaries worth avoiding
+            finite = bool(np.isfinite(flat).all())
+        else:
+            # One BLAS dot product of the rows with themselves: a sum of squares has no
+            # negative terms, so NaN and inf cannot cancel and a finite result means every
+            # value is finite (8x cheaper than a float64 sum on 2 MiB slices). Squares above
+            # float32's range only send the rows to the exact check below.
+            with np.errstate(over="ignore", invalid="ignore"):  # decided below, never a warning
+                finite = math.isfinite(float(np.dot(flat, flat)))
+        if not finite:
+            nonfinite = np.argwhere(~np.isfinite(arr.reshape(n, -1)))
+            if len(nonfinite):
+                raise InputError(f"inputs hold NaN or inf (first in row {int(nonfinite[0, 0])}) "
+                                 "or overflow float32")
         return arr
 
     # -- prediction --------------------------------------------------------------------------
@@ -231,10 +244,21 @@ class Runtime:
         entry = self.cache.get(task)
         (logits,) = self.backend.logits([entry], [Group(info, x)])
         probs = softmax(logits)
-        preds = probs.argmax(1)
+        # argmax of the logits, not of the rounded probabilities: near-ties stay decided alike
+        # on every path (batch scoring never computes probabilities it does not write)
+        preds = logits.argmax(1)
         names = self._class_names[task]
         return Prediction([task] * x.shape[0], preds, probs, inferred=False,
                           labels=[names[p] for p in preds.tolist()])
+
+    def task_logits(self, task: str, inputs: Any, *, validated: bool = False) -> np.ndarray:
+        """Raw logits ``(N, C_task)`` of every row under ``task``: :meth:`predict` without the
+        softmax and labels (batch scoring takes the argmax and computes probabilities only
+        when it writes them)."""
+        info = self.task(task)
+        x = inputs if validated else self.validate_inputs(inputs, task)
+        (logits,) = self.backend.logits([self.cache.get(task)], [Group(info, x)])
+        return logits
 
     def predict_mixed(self, tasks: Sequence[str | None], inputs: Any, *,
                       validated: bool = False) -> Prediction:
@@ -268,11 +292,13 @@ class Runtime:
             logits = self._logits(names, groups)
             for t, r, z in zip(names, idx, logits):
                 parts.append((r, softmax(z)))
+                preds[r] = z.argmax(1)
                 out_tasks[r] = t
         if None in rows_by_task:
             r = rows_by_task[None]
             sub = self._infer(x[r] if len(r) < n else x)
             parts.append((r, sub.probabilities))
+            preds[r] = sub.predictions
             conf = np.full(n, np.nan, dtype=np.float32)
             conf[r] = sub.confidence
             every = np.full((n, len(self.inference_tasks)), np.nan, dtype=np.float32)
@@ -282,7 +308,6 @@ class Runtime:
         probs = np.zeros((n, c_max), dtype=np.float32)
         for r, p in parts:
             probs[r, : p.shape[1]] = p
-            preds[r] = p.argmax(1)
         tasks_out = out_tasks.tolist()
         return Prediction(tasks_out, preds, probs, inferred=conf is not None, confidence=conf,
                           labels=self.labels_of(tasks_out, preds),
@@ -307,12 +332,13 @@ class Runtime:
         choice = select_by_entropy(logits, self.config.temperature)
         c_max = self.output_classes(None)
         probs = np.zeros((x.shape[0], c_max), dtype=np.float32)
+        preds = np.zeros(x.shape[0], dtype=np.int64)
         for t, z in enumerate(logits):
             rows = np.flatnonzero(choice.task_index == t)
             if rows.size:
                 probs[rows, : z.shape[1]] = softmax(z[rows])
+                preds[rows] = z[rows].argmax(1)
         tasks = [names[t] for t in choice.task_index]
-        preds = probs.argmax(1)
         return Prediction(tasks, preds, probs, inferred=True, confidence=choice.confidence,
                           labels=self.labels_of(tasks, preds),
                           task_confidence=choice.confidences)
