@@ -17,6 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from hnet_serve.devices import DEVICE_HELP, device_arg
 from hnet_serve.errors import ConfigError
 
 SERVICE = "hnet_serve.serving.service:HNetService"
@@ -48,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch (in-process generated weights) or onnx (an ORT session per task)")
     p.add_argument("--cache-bytes", default=None,
                    help="weight cache budget, bytes or with a unit: 536870912, 512MiB, 2GB")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="where weights are generated and run (HNET_DEVICE): " + DEVICE_HELP)
+    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="dtype the cached weights are stored and multiplied in (HNET_CACHE_DTYPE; "
+                   "default float32; bfloat16 halves the bytes per task, torch backend)")
     p.add_argument("--config", default=None, help="YAML/JSON serving config file (HNET_CONFIG)")
     p.add_argument("--json", action="store_true",
                    help="print the imported model tag and URL as JSON before serving")
@@ -73,6 +79,9 @@ def serve_env(args: argparse.Namespace, tag: str) -> dict[str, str]:
         env["HNET_BACKEND"] = args.backend
     if args.cache_bytes is not None:
         env["HNET_CACHE_BYTES"] = str(args.cache_bytes)
+    for flag, var in (("device", "HNET_DEVICE"), ("cache_dtype", "HNET_CACHE_DTYPE")):
+        if getattr(args, flag, None) is not None:
+            env[var] = str(getattr(args, flag))
     # Fail here, with a clear message, rather than in the server's log.
     ServingConfig.from_env(env)
     return env
