@@ -256,7 +256,8 @@ def bench_mixed(threads: int, quick: bool) -> str:
     )
 
 
-def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool) -> str:
+def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
+                      cache_dtype: str = "float32") -> str:
     """Where the mixed batch's time goes, for the big target on the torch backend.
 
     The same 32 groups of 32 rows, run (a) each under its own task (the mixed batch), (b) all
@@ -273,7 +274,7 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool) -> str:
     from hnet_serve.serving.runtime import Runtime
 
     rt = Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads,
-                                      cache_bytes=2 * 2**30))
+                                      cache_bytes=2 * 2**30, cache_dtype=cache_dtype))
     names = [f"t{i}" for i in range(n_tasks)]
     rt.cache.warm(names)
     by_name = rt.cache.get_many(names)
@@ -302,11 +303,12 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool) -> str:
              ms(t_stream), f"{mib / 1024 / t_stream:.1f} GiB/s"],
             ["(b) + (c): no overlap of compute and memory", ms(t_warm + t_stream),
              f"{t_one / (t_warm + t_stream):.2f}"]]
-    print(f"mixed bound: one {ms(t_one)} a {ms(t_mixed)} b {ms(t_warm)} c {ms(t_stream)} ms",
+    print(f"mixed bound {cache_dtype}: one {ms(t_one)} a {ms(t_mixed)} b {ms(t_warm)} c {ms(t_stream)} ms",
           flush=True)
     return (
         f"**Where the mixed batch's time goes** (MLP {INPUT}-{'-'.join(map(str, BIG))}-"
-        f"{CLASSES}, torch backend, threads = {threads}; backend calls without the runtime's "
+        f"{CLASSES}, torch backend, {cache_dtype} weights, threads = {threads}; backend calls "
+        f"without the runtime's "
         f"row grouping). (a) is the 0.7x goal's case; (b) removes the memory traffic, (c) is "
         f"the memory traffic alone. When (a) is close to (b) + (c), reading each task's "
         f"weights from memory does not overlap with the matmuls: the batch is bound by the "
