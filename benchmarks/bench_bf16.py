@@ -110,31 +110,41 @@ def single_task_latency(model, threads: int, quick: bool) -> list[list[Any]]:
 
 # -- 3. mixed batches ----------------------------------------------------------------------
 def mixed(model, threads: int, quick: bool) -> tuple[list[list[Any]], dict[str, Any]]:
-    from hnet_serve.serving import Runtime, ServingConfig
+    """Per dtype, with the cached layers pre-packed for oneDNN (the default, serving/packed.py)
+    and in the flat layout: 1024 rows of one task vs 1024 rows over 32 tasks, interleaved."""
+    from hnet_serve.serving import Runtime, ServingConfig, backends
 
     names = [f"t{i}" for i in range(N_TASKS)]
     x = np.random.default_rng(0).uniform(0, 1, (1024, INPUT)).astype(np.float32)
     tasks = [names[i % N_TASKS] for i in range(1024)]
     rows, runtimes = [], {}
     for d in DTYPES:
-        rt = runtimes[d] = Runtime(model, ServingConfig(cache_dtype=d, intra_op_threads=threads,
-                                                        cache_bytes=2**31, warm=names))
-        t_one, t_mixed, ratio = paired(lambda rt=rt: rt.predict("t0", x),
-                                       lambda rt=rt: rt.predict_mixed(tasks, x),
-                                       rounds=3 if quick else 9, number=1)
-        per_task = rt.cache.stats()["bytes"] / N_TASKS
-        rows.append([d, f"{per_task / 2**20:.2f}", f"{2**30 / per_task:.0f}", ms(t_one),
-                     ms(t_mixed), f"{1024 / t_one:,.0f}", f"{1024 / t_mixed:,.0f}",
-                     f"{1 / ratio:.2f}"])
-        print(f"mixed {d}: one {ms(t_one)} ms, {N_TASKS} tasks {ms(t_mixed)} ms, "
-              f"ratio {1 / ratio:.2f}", flush=True)
+        for packed in (False, True):
+            backends.PACK_WEIGHTS = packed
+            try:
+                rt = Runtime(model, ServingConfig(cache_dtype=d, intra_op_threads=threads,
+                                                  cache_bytes=2**31, warm=names))
+            finally:
+                backends.PACK_WEIGHTS = True
+            layout = "packed" if rt.backend.packed else "flat"
+            if packed:
+                runtimes[d] = rt
+            t_one, t_mixed, ratio = paired(lambda rt=rt: rt.predict("t0", x),
+                                           lambda rt=rt: rt.predict_mixed(tasks, x),
+                                           rounds=3 if quick else 9, number=1)
+            per_task = rt.cache.stats()["bytes"] / N_TASKS
+            rows.append([d, layout, f"{per_task / 2**20:.2f}", f"{2**30 / per_task:.0f}",
+                         ms(t_one), ms(t_mixed), f"{1024 / t_one:,.0f}",
+                         f"{1024 / t_mixed:,.0f}", f"{1 / ratio:.2f}"])
+            print(f"mixed {d} {layout}: one {ms(t_one)} ms, {N_TASKS} tasks {ms(t_mixed)} ms, "
+                  f"ratio {1 / ratio:.2f}", flush=True)
     return rows, runtimes
 
 
 def prefetch(runtimes: dict[str, Any], quick: bool) -> list[list[Any]]:
     """32 groups of 32 rows, each its own task: groups run one after another (the backend's
-    path) vs the same with a second thread reading group i+1's weights (``w.sum()``: the
-    bytes pass through the caches) while group i multiplies."""
+    path) vs the same with a second thread reading group i+1's cached weights (a sum over them:
+    the bytes pass through the caches) while group i multiplies."""
     from concurrent.futures import ThreadPoolExecutor
 
     from hnet_serve.serving.backends import Group
@@ -144,28 +154,22 @@ def prefetch(runtimes: dict[str, Any], quick: bool) -> list[list[Any]]:
     for d, rt in runtimes.items():
         names = [f"t{i}" for i in range(N_TASKS)]
         by = rt.cache.get_many(names)
-        ws = [by[n].weights for n in names]
-        target = rt.model.target
+        entries = [by[n] for n in names]
         x = np.random.default_rng(1).uniform(0, 1, (32 * N_TASKS, INPUT)).astype(np.float32)
         groups = [Group(rt.model.registry.get(n), x[i::N_TASKS].copy())
                   for i, n in enumerate(names)]
-        xs = [torch.from_numpy(g.x) for g in groups]
 
-        def plain(ws=ws, xs=xs, target=target):
-            with torch.inference_mode():
-                return [target.forward_one(w, xi, transposed=True) for w, xi in zip(ws, xs)]
+        def plain(rt=rt, entries=entries, groups=groups):
+            return [rt.backend.logits([e], [g]) for e, g in zip(entries, groups)]
 
-        def prefetched(ws=ws, xs=xs, target=target):
-            out_, fut = [], None
-            with torch.inference_mode():
-                for i, (w, xi) in enumerate(zip(ws, xs)):
-                    if i + 1 < len(ws):
-                        fut = pool.submit(_touch, ws[i + 1])
-                    out_.append(target.forward_one(w, xi, transposed=True))
-                    if fut is not None:
-                        fut.result()
-                        fut = None
-            return out_
+        def prefetched(rt=rt, entries=entries, groups=groups):
+            res = []
+            for i, (e, g) in enumerate(zip(entries, groups)):
+                fut = pool.submit(_touch, entries[i + 1]) if i + 1 < len(entries) else None
+                res.append(rt.backend.logits([e], [g]))
+                if fut is not None:
+                    fut.result()
+            return res
 
         t_a, t_b, ratio = paired(plain, prefetched, rounds=3 if quick else 9, number=1)
         out.append([d, ms(t_a), ms(t_b), f"{1 / ratio:.2f}x"])
@@ -174,9 +178,10 @@ def prefetch(runtimes: dict[str, Any], quick: bool) -> list[list[Any]]:
     return out
 
 
-def _touch(w: torch.Tensor) -> float:
+def _touch(entry: Any) -> float:
+    """Read every byte of a cached entry (oneDNN's packed tensors only via a dense copy)."""
     with torch.inference_mode():
-        return float(w.sum())
+        return float(sum((t.to_dense() if t.is_mkldnn else t).sum() for t in entry.stored()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,14 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         f"**Mixed batches: 1024 rows over {N_TASKS} tasks vs 1024 rows of one task, same "
         f"dtype** (MLP {INPUT}-{'-'.join(map(str, BIG))}-{CLASSES}, torch backend, every task "
         f"cached, threads = {args.threads}). Goal: >= 0.7x.\n\n"
-        + table(["cache dtype", "MiB per task", "cached tasks per GiB", "1 task (ms)",
+        + table(["cache dtype", "layout", "MiB per task", "cached tasks per GiB", "1 task (ms)",
                  f"{N_TASKS} tasks (ms)", "1 task (rows/s)", f"{N_TASKS} tasks (rows/s)",
                  "ratio"], mixed_rows))
     for d in DTYPES:
         parts.append(bench_mixed_bound(model, N_TASKS, args.threads, args.quick, cache_dtype=d))
     parts.append(
         "**Prefetching the next group's weights** (a second thread reads task i+1's cached "
-        "weights while task i's 32 rows multiply; 32 groups).\n\n"
+        "weights while task i's 32 rows multiply; 32 groups; pre-packed layers, which the "
+        "second thread can only read through a dense copy).\n\n"
         + table(["cache dtype", "groups in turn (ms)", "with prefetch (ms)", "speed-up"],
                 prefetch(runtimes, args.quick)))
     header = (

@@ -227,8 +227,10 @@ def bench_mixed(threads: int, quick: bool) -> str:
     for hidden, backend, path, rows_total in cases:
         key = "-".join(map(str, hidden))
         model = models.setdefault(key, build_model(hidden, n_tasks))
+        backends.PACK_WEIGHTS = path == "auto"  # a forced path runs the flat weights
         rt = Runtime(model, ServingConfig(backend=backend, intra_op_threads=threads,
                                           cache_bytes=2 * 2**30))
+        backends.PACK_WEIGHTS = True
         names = [f"t{i}" for i in range(n_tasks)]
         rt.cache.warm(names)
         x = np.random.default_rng(0).uniform(0, 1, (rows_total, INPUT)).astype(np.float32)
@@ -243,7 +245,9 @@ def bench_mixed(threads: int, quick: bool) -> str:
         finally:
             backends.STACK_MAX_PARAMS = default_max
         inv = 1 / ratio  # throughput ratio = time(one task) / time(mixed)
-        label = f"{path} ({'stacked bmm' if stacked else 'matmuls per task'})"
+        how = ("packed oneDNN layers per task" if getattr(rt.backend, "packed", False)
+               else "stacked bmm" if stacked else "matmuls per task")
+        label = f"{path} ({how})"
         rows.append([f"{INPUT}-{key}-{CLASSES}", f"{model.target.n_params:,}", backend, label,
                      rows_total, f"{rows_total / t_one:,.0f}", f"{rows_total / t_mixed:,.0f}",
                      f"{inv:.2f}"])
@@ -269,12 +273,17 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
     import torch
 
     from benchmarks._report import table
+    from hnet_serve.serving import backends
     from hnet_serve.serving.backends import Group
     from hnet_serve.serving.config import ServingConfig
     from hnet_serve.serving.runtime import Runtime
 
-    rt = Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads,
-                                      cache_bytes=2 * 2**30, cache_dtype=cache_dtype))
+    backends.PACK_WEIGHTS = False  # the flat layout: weights read as plain tensors
+    try:
+        rt = Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads,
+                                          cache_bytes=2 * 2**30, cache_dtype=cache_dtype))
+    finally:
+        backends.PACK_WEIGHTS = True
     names = [f"t{i}" for i in range(n_tasks)]
     rt.cache.warm(names)
     by_name = rt.cache.get_many(names)
@@ -286,14 +295,14 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
 
     def stream() -> float:
         with torch.inference_mode():
-            return float(sum(e.weights.sum() for e in entries))
+            return float(sum(t.sum() for e in entries for t in e.stored()))
 
     t_one, t_mixed, _ = paired(lambda: rt.predict("t0", x),
                                lambda: rt.backend.logits(entries, groups),
                                rounds=rounds, number=number)
     t_warm, t_stream, _ = paired(lambda: rt.backend.logits(one, groups), stream,
                                  rounds=rounds, number=number)
-    mib = sum(e.weights.numel() * e.weights.element_size() for e in entries) / 2**20
+    mib = sum(e.nbytes for e in entries) / 2**20
     rows = [["1024 rows of one task (runtime.predict)", ms(t_one), "1.00"],
             [f"(a) {n_tasks} groups x 32 rows, each its own task", ms(t_mixed),
              f"{t_one / t_mixed:.2f}"],
@@ -307,7 +316,8 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
           flush=True)
     return (
         f"**Where the mixed batch's time goes** (MLP {INPUT}-{'-'.join(map(str, BIG))}-"
-        f"{CLASSES}, torch backend, {cache_dtype} weights, threads = {threads}; backend calls "
+        f"{CLASSES}, torch backend, {cache_dtype} weights in the flat layout (not pre-packed), "
+        f"threads = {threads}; backend calls "
         f"without the runtime's "
         f"row grouping). (a) is the 0.7x goal's case; (b) removes the memory traffic, (c) is "
         f"the memory traffic alone. When (a) is close to (b) + (c), reading each task's "

@@ -128,9 +128,7 @@ def test_bfloat16_cache_halves_the_bytes_and_agrees_with_float32(make):
         assert np.abs(p32.probabilities - p16.probabilities).max() < 0.03
         # bf16 keeps 8 bits of mantissa: a near-tie may flip, most rows may not
         assert (p32.predictions == p16.predictions).mean() >= 0.9
-        entry = rt16.cache.get(name)
-        assert entry.weights.dtype == torch.bfloat16
-        assert all(b.dtype == torch.bfloat16 for b in (entry.buffers or {}).values())
+        assert all(t.dtype == torch.bfloat16 for t in rt16.cache.get(name).stored())
 
 
 def test_bfloat16_cache_bound_counts_stored_bytes():
@@ -152,6 +150,39 @@ def test_bfloat16_mixed_batches_stack_and_agree():
     assert np.abs(p32.probabilities - p16.probabilities).max() < 0.03
     inferred16 = Runtime(model, ServingConfig(cache_dtype="bfloat16")).predict(None, x)
     assert inferred16.inferred and len(inferred16.tasks) == 30
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.03)])
+def test_large_mlps_are_cached_pre_packed_with_the_same_answers(dtype, tol, monkeypatch):
+    """Above STACK_MAX_PARAMS, MLP layers are packed once for oneDNN (serving/packed.py): the
+    same logits as the flat layout, the same bytes."""
+    from hnet_serve.serving import backends
+    from hnet_serve.serving.packed import packing_works
+
+    model = tiny_mlp_model(3, hidden=(300, 200))
+    assert model.target.n_params > backends.STACK_MAX_PARAMS
+    if not packing_works(resolve_dtype(dtype)):
+        pytest.skip(f"this torch/CPU has no oneDNN {dtype} linear")
+    x = np.random.default_rng(2).normal(size=(40, 12)).astype(np.float32)
+    tasks = [ALL[i % 3] for i in range(40)]
+    packed = Runtime(model, ServingConfig(cache_dtype=dtype, warm=ALL))
+    monkeypatch.setattr(backends, "PACK_WEIGHTS", False)
+    flat = Runtime(model, ServingConfig(cache_dtype=dtype, warm=ALL))
+    assert packed.backend.packed and not flat.backend.packed
+    assert packed.cache.get("task-0").weights is None
+    assert packed.cache.stats()["bytes"] == flat.cache.stats()["bytes"]
+    a, b = packed.predict_mixed(tasks, x), flat.predict_mixed(tasks, x)
+    assert np.abs(a.probabilities - b.probabilities).max() < tol
+    assert np.array_equal(packed.predict(None, x).tasks, flat.predict(None, x).tasks) or \
+        dtype == "bfloat16"
+
+
+def test_packing_falls_back_to_the_flat_layout_where_it_does_not_work(monkeypatch):
+    from hnet_serve.serving import backends
+
+    monkeypatch.setattr(backends, "can_pack", lambda *a: False)
+    rt = Runtime(tiny_mlp_model(3, hidden=(300, 200)), ServingConfig(warm=["task-0"]))
+    assert not rt.backend.packed and rt.cache.get("task-0").weights is not None
 
 
 def test_tasks_and_metrics_show_the_cache_dtype_and_device():

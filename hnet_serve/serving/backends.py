@@ -42,6 +42,8 @@ from hnet_serve.devices import to_device
 from hnet_serve.errors import ConfigError
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import TaskInfo
+from hnet_serve.serving.packed import PackedLayer, can_pack, pack, run_packed
+from hnet_serve.serving.packed import nbytes as packed_nbytes
 from hnet_serve.targets import MLPTarget
 
 # Stacking K tasks' MLP weights for one bmm copies K * n_params floats; it pays off only while
@@ -51,6 +53,9 @@ from hnet_serve.targets import MLPTarget
 STACK_MAX_PARAMS = 50_000
 # A stacked bucket may pad its groups to the largest one; allow at most this much padding.
 STACK_MAX_PADDING = 1.5
+# Larger MLPs on the CPU cache each layer pre-packed for oneDNN (serving/packed.py): False
+# keeps the flat layout (benchmarks compare both).
+PACK_WEIGHTS = True
 
 
 @dataclass
@@ -65,9 +70,16 @@ class Group:
 class TorchEntry:
     """What the torch backend caches for a task."""
 
-    weights: torch.Tensor  # (n_params,), its own storage
+    weights: torch.Tensor | None  # (n_params,), its own storage; None when packed
     buffers: dict[str, torch.Tensor] | None
     nbytes: int
+    layers: list[PackedLayer] | None = None  # pre-packed MLP layers (serving/packed.py)
+
+    def stored(self) -> list[torch.Tensor]:
+        """Every tensor this entry holds (what its ``nbytes`` counts)."""
+        if self.layers is not None:
+            return [t for lay in self.layers for t in (lay.weight, lay.bias) if t is not None]
+        return [self.weights, *(self.buffers or {}).values()]  # type: ignore[list-item]
 
 
 class Backend(Protocol):
@@ -196,12 +208,20 @@ class TorchBackend:
     def __init__(self, model: HNetModel, *, dtype: torch.dtype = torch.float32) -> None:
         self.model = model
         self.dtype = dtype
+        target = model.target
+        self.packed = (PACK_WEIGHTS and target.n_params > STACK_MAX_PARAMS
+                       and can_pack(target, model.device, dtype))
 
     def build(self, names: list[str]) -> list[TorchEntry]:
         """Generate ``names`` in one batched call; MLP weights are kept transposed
         (``MLPTarget.to_serving_layout``: cold weights stream in row order)."""
         target = self.model.target
         mlp = isinstance(target, MLPTarget)
+        if self.packed:
+            with torch.inference_mode():
+                flat = self.model.generate(names)  # (K, n_params)
+            packs = [pack(target, row, self.dtype) for row in flat]  # type: ignore[arg-type]
+            return [TorchEntry(None, None, packed_nbytes(p), p) for p in packs]
         if mlp:
             with torch.inference_mode():
                 flat = self.model.generate(names)  # (K, n_params)
@@ -225,6 +245,9 @@ class TorchBackend:
         return entry.nbytes
 
     def logits(self, entries: Sequence[TorchEntry], groups: Sequence[Group]) -> list[np.ndarray]:
+        if self.packed:
+            return [run_packed(self.model.target, e.layers, g.x, g.info.head,  # type: ignore
+                               g.info.num_classes) for e, g in zip(entries, groups)]
         # build() keeps every MLP's weights in the serving layout
         return run_generated(
             self.model, [e.weights for e in entries], groups, [e.buffers for e in entries],
