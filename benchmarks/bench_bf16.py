@@ -47,7 +47,8 @@ def agreement(title: str, quick: bool, **config: Any) -> list[list[Any]]:
     cfg = build_config(**config)
     tasks = load_benchmark(cfg)
     model, _ = train_tasks(tasks, cfg, progress=False)
-    rt = {d: Runtime(model, ServingConfig(cache_dtype=d, cache_bytes=2**31)) for d in DTYPES}
+    rt = {d: Runtime(model, ServingConfig(cache_dtype=d, cache_bytes=2**31, max_rows=100_000))
+          for d in DTYPES}
     same = rows = 0
     worst_task, max_dp, acc = 1.0, 0.0, dict.fromkeys(DTYPES, 0)
     for t in tasks:

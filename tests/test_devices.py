@@ -195,9 +195,23 @@ def test_tasks_and_metrics_show_the_cache_dtype_and_device():
     assert 'hnet_cache_info{device="cpu",dtype="bfloat16"} 1.0' in text
 
 
-def test_bfloat16_with_the_onnx_backend_is_refused():
+def test_bfloat16_with_the_onnx_backend_is_refused_and_alone_picks_torch():
     with pytest.raises(ConfigError, match="bfloat16 needs backend 'torch'"):
-        Runtime(tiny_mlp_model(), ServingConfig(backend="onnx", cache_dtype="bfloat16"))
+        ServingConfig.build(backend="onnx", cache_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="bfloat16 needs backend 'torch'"):
+        ServingConfig.from_env({"HNET_BACKEND": "onnx", "HNET_CACHE_DTYPE": "bfloat16"})
+    assert ServingConfig.build(cache_dtype="bfloat16").backend == "torch"
+
+
+def test_serve_refuses_cuda_without_it_before_starting(no_cuda):
+    import argparse
+
+    from hnet_serve.serving.cli import serve_env
+
+    args = argparse.Namespace(config=None, backend=None, cache_bytes=None, device="cuda",
+                              cache_dtype=None)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        serve_env(args, "hnet:abc")
 
 
 def test_onnx_backend_stays_on_cpu_providers_without_cuda():

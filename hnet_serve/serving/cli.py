@@ -83,7 +83,11 @@ def serve_env(args: argparse.Namespace, tag: str) -> dict[str, str]:
         if getattr(args, flag, None) is not None:
             env[var] = str(getattr(args, flag))
     # Fail here, with a clear message, rather than in the server's log.
-    ServingConfig.from_env(env)
+    config = ServingConfig.from_env(env)
+    if env.get("HNET_DEVICE"):
+        from hnet_serve.devices import resolve_device
+
+        resolve_device(config.device)  # `cuda` on a machine without one: one line, now
     return env
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hnet_serve.configs import read_mapping_file, validate
 from hnet_serve.devices import check_device
@@ -93,6 +93,17 @@ class ServingConfig(BaseModel):
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _bf16_runs_on_torch(self) -> ServingConfig:
+        # Only the torch backend has a bfloat16 path: bfloat16 alone picks it, bfloat16 with an
+        # explicit onnx backend is refused.
+        if self.cache_dtype == "bfloat16" and self.backend != "torch":
+            if "backend" in self.model_fields_set:
+                raise ValueError("cache_dtype bfloat16 needs backend 'torch' (the onnx "
+                                 "backend's sessions run float32 graphs)")
+            self.backend = "torch"
+        return self
 
     @classmethod
     def build(cls, **values: Any) -> ServingConfig:
