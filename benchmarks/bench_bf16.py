@@ -29,7 +29,8 @@ import torch
 
 from benchmarks.bench_serving import BIG, CLASSES, INPUT, bench_mixed_bound, build_model, ms, paired
 
-SECTION = "bf16"
+SECTION = "bf16"  # speed and mixed batches
+AGREEMENT_SECTION = "bf16-agreement"  # rewritten only by runs that train (not --skip-agreement)
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 N_TASKS = 32
 DTYPES = ("float32", "bfloat16")
@@ -81,15 +82,25 @@ def gemm_speed(quick: bool) -> list[list[Any]]:
     w32 = torch.randn(1000, 1000, generator=g) * 0.03
     b32 = torch.randn(1000, generator=g) * 0.01
     w16, b16 = w32.bfloat16(), b32.bfloat16()
+    linear = torch.ops.mkldnn._linear_pointwise
+    p32 = torch.ops.mkldnn._reorder_linear_weight(w32.t().contiguous(), None)
+    p16 = torch.ops.mkldnn._reorder_linear_weight(w16.t().contiguous(), None)
     out = []
     for rows in (1, 32, 1024):
         x32 = torch.randn(rows, 1000, generator=g)
         x16 = x32.bfloat16()
+        number = 20 if rows < 1024 else 3
         with torch.inference_mode():
             t32, t16, ratio = paired(lambda x=x32: torch.addmm(b32, x, w32),
                                      lambda x=x16: torch.addmm(b16, x, w16),
-                                     rounds=5 if quick else 15, number=20 if rows < 1024 else 3)
-        out.append([f"addmm {rows} x 1000 @ 1000 x 1000", ms(t32), ms(t16), f"{1 / ratio:.2f}x"])
+                                     rounds=5 if quick else 15, number=number)
+            out.append([f"addmm {rows} x 1000 @ 1000 x 1000 (flat)", ms(t32), ms(t16),
+                        f"{1 / ratio:.2f}x"])
+            t32, t16, ratio = paired(lambda x=x32: linear(x, p32, b32, "none", [], ""),
+                                     lambda x=x16: linear(x, p16, b16, "none", [], ""),
+                                     rounds=5 if quick else 15, number=number)
+            out.append(["the same, pre-packed weight (serving/packed.py)", ms(t32), ms(t16),
+                        f"{1 / ratio:.2f}x"])
     return out
 
 
@@ -128,7 +139,7 @@ def mixed(model, threads: int, quick: bool) -> tuple[list[list[Any]], dict[str, 
             finally:
                 backends.PACK_WEIGHTS = True
             layout = "packed" if rt.backend.packed else "flat"
-            if packed:
+            if not packed:  # for the prefetch test: flat weights can be read without a copy
                 runtimes[d] = rt
             t_one, t_mixed, ratio = paired(lambda rt=rt: rt.predict("t0", x),
                                            lambda rt=rt: rt.predict_mixed(tasks, x),
@@ -180,9 +191,9 @@ def prefetch(runtimes: dict[str, Any], quick: bool) -> list[list[Any]]:
 
 
 def _touch(entry: Any) -> float:
-    """Read every byte of a cached entry (oneDNN's packed tensors only via a dense copy)."""
+    """Read every byte of a cached (flat) entry."""
     with torch.inference_mode():
-        return float(sum((t.to_dense() if t.is_mkldnn else t).sum() for t in entry.stored()))
+        return float(sum(t.sum() for t in entry.stored()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     cpuinfo = Path("/proc/cpuinfo")
     bf16_isa = cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text()
 
+    header = (
+        f"Machine: {machine()}. Command: `python -m benchmarks.bench_bf16"
+        f"{' --quick' if args.quick else ''}`. Shared machine: other jobs ran on the same 2 "
+        "cores, so absolute times are noisy; the ratios come from interleaved rounds.\n"
+    )
     parts = []
     if not args.skip_agreement:
         agree = agreement("SplitMNIST (mnist5k), MLP 100-100", args.quick,
@@ -206,15 +222,17 @@ def main(argv: list[str] | None = None) -> int:
                            benchmark="permuted-mnist", dataset="fashion-mnist",
                            data_dir=FMNIST_DIR, tasks=5, iterations=300,
                            target={"hidden": [1000, 1000]})
-        parts.append(
-            "**Agreement with float32 on every task's real test rows** (short checkpoints "
-            "trained by the script; 'identical' = same arg-max class; 'max |dp|' = the largest "
+        write_section(AGREEMENT_SECTION, (
+            "## bfloat16 weight cache: agreement with float32 (`benchmarks/bench_bf16.py`)\n\n"
+            + header
+            + "\n**Agreement with float32 on every task's real test rows** (short checkpoints "
+            "trained by the script; 'identical' = same arg-max class; 'max Δp' = the largest "
             "difference of any class probability over every test row; the last two columns: "
             "task inference over all tasks, up to 500 test rows per task). Goal: >= 99.5 % "
             "identical.\n\n"
             + table(["checkpoint", "tasks", "test rows", "identical", "worst task",
-                     "max |dp|", "accuracy fp32", "accuracy bf16", "same inferred task",
-                     "same inferred prediction"], agree))
+                     "max Δp", "accuracy fp32", "accuracy bf16", "same inferred task",
+                     "same inferred prediction"], agree)))
 
     model = build_model(BIG, N_TASKS)
     speed = gemm_speed(args.quick) + single_task_latency(model, args.threads, args.quick)
@@ -233,20 +251,17 @@ def main(argv: list[str] | None = None) -> int:
                  f"{N_TASKS} tasks (ms)", "1 task (rows/s)", f"{N_TASKS} tasks (rows/s)",
                  "ratio"], mixed_rows))
     for d in DTYPES:
-        parts.append(bench_mixed_bound(model, N_TASKS, args.threads, args.quick, cache_dtype=d))
+        parts.append(bench_mixed_bound(model, N_TASKS, args.threads, args.quick, cache_dtype=d,
+                                       packed=True))
     parts.append(
         "**Prefetching the next group's weights** (a second thread reads task i+1's cached "
-        "weights while task i's 32 rows multiply; 32 groups; pre-packed layers, which the "
-        "second thread can only read through a dense copy).\n\n"
+        "weights while task i's 32 rows multiply; 32 groups; the flat layout, whose weights "
+        "the second thread can read in place: pre-packed tensors can only be read through a "
+        "copy).\n\n"
         + table(["cache dtype", "groups in turn (ms)", "with prefetch (ms)", "speed-up"],
                 prefetch(runtimes, args.quick)))
-    header = (
-        "## bfloat16 weight cache (`benchmarks/bench_bf16.py`)\n\n"
-        f"Machine: {machine()}. Command: `python -m benchmarks.bench_bf16"
-        f"{' --quick' if args.quick else ''}`. Shared machine: other jobs ran on the same 2 "
-        "cores, so absolute times are noisy; the ratios come from interleaved rounds.\n"
-    )
-    write_section(SECTION, header + "\n" + "\n\n".join(parts))
+    write_section(SECTION, "## bfloat16 weight cache: speed and mixed batches "
+                  "(`benchmarks/bench_bf16.py`)\n\n" + header + "\n" + "\n\n".join(parts))
     return 0
 
 

@@ -261,7 +261,7 @@ def bench_mixed(threads: int, quick: bool) -> str:
 
 
 def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
-                      cache_dtype: str = "float32") -> str:
+                      cache_dtype: str = "float32", packed: bool = False) -> str:
     """Where the mixed batch's time goes, for the big target on the torch backend.
 
     The same 32 groups of 32 rows, run (a) each under its own task (the mixed batch), (b) all
@@ -269,6 +269,8 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
     memory traffic), and (c) only reading every task's cached weights once (``sum``, no
     matmul). If (a) ~ (b) + (c), memory and compute do not overlap, and the bound on the
     ratio is set by the bytes to stream (32 tasks x the weights) and the core's bandwidth.
+    ``packed``: the weights cached pre-packed for oneDNN (serving/packed.py); (c) then reads
+    the same bytes in the flat layout (packed tensors have no ``sum``).
     """
     import torch
 
@@ -278,16 +280,21 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
     from hnet_serve.serving.config import ServingConfig
     from hnet_serve.serving.runtime import Runtime
 
-    backends.PACK_WEIGHTS = False  # the flat layout: weights read as plain tensors
-    try:
-        rt = Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads,
-                                          cache_bytes=2 * 2**30, cache_dtype=cache_dtype))
-    finally:
-        backends.PACK_WEIGHTS = True
+    def runtime(pack: bool) -> Runtime:
+        backends.PACK_WEIGHTS = pack
+        try:
+            return Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads,
+                                                cache_bytes=2 * 2**30, cache_dtype=cache_dtype))
+        finally:
+            backends.PACK_WEIGHTS = True
+
     names = [f"t{i}" for i in range(n_tasks)]
-    rt.cache.warm(names)
+    rt = runtime(packed)
     by_name = rt.cache.get_many(names)
     entries = [by_name[n] for n in names]
+    flat = rt if not packed else runtime(False)
+    flat_by_name = flat.cache.get_many(names)
+    flat_entries = [flat_by_name[n] for n in names]
     x = np.random.default_rng(1).uniform(0, 1, (32 * n_tasks, INPUT)).astype(np.float32)
     groups = [Group(model.registry.get(n), x[i::n_tasks].copy()) for i, n in enumerate(names)]
     one = [entries[0]] * n_tasks
@@ -295,7 +302,7 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
 
     def stream() -> float:
         with torch.inference_mode():
-            return float(sum(t.sum() for e in entries for t in e.stored()))
+            return float(sum(t.sum() for e in flat_entries for t in e.stored()))
 
     t_one, t_mixed, _ = paired(lambda: rt.predict("t0", x),
                                lambda: rt.backend.logits(entries, groups),
@@ -312,14 +319,13 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
              ms(t_stream), f"{mib / 1024 / t_stream:.1f} GiB/s"],
             ["(b) + (c): no overlap of compute and memory", ms(t_warm + t_stream),
              f"{t_one / (t_warm + t_stream):.2f}"]]
-    print(f"mixed bound {cache_dtype}: one {ms(t_one)} a {ms(t_mixed)} b {ms(t_warm)} c {ms(t_stream)} ms",
-          flush=True)
+    layout = "pre-packed" if packed else "flat"
+    print(f"mixed bound {cache_dtype} {layout}: one {ms(t_one)} a {ms(t_mixed)} "
+          f"b {ms(t_warm)} c {ms(t_stream)} ms", flush=True)
     return (
         f"**Where the mixed batch's time goes** (MLP {INPUT}-{'-'.join(map(str, BIG))}-"
-        f"{CLASSES}, torch backend, {cache_dtype} weights in the flat layout (not pre-packed), "
-        f"threads = {threads}; backend calls "
-        f"without the runtime's "
-        f"row grouping). (a) is the 0.7x goal's case; (b) removes the memory traffic, (c) is "
+        f"{CLASSES}, torch backend, {cache_dtype} weights, {layout} layout, "
+        f"threads = {threads}; backend calls without the runtime's row grouping). (a) is the 0.7x goal's case; (b) removes the memory traffic, (c) is "
         f"the memory traffic alone. When (a) is close to (b) + (c), reading each task's "
         f"weights from memory does not overlap with the matmuls: the batch is bound by the "
         f"bytes to stream ({n_tasks} tasks x the weights, for 32 rows each) at one core's "
