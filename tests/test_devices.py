@@ -271,3 +271,18 @@ def test_cuda_training_matches_the_contract(tmp_path):
                                 tmp_path / "ck", progress=False)
     assert model.device.type == "cuda" and len(result.accuracy_matrix) == 2
     assert load_checkpoint(tmp_path / "ck").device.type == "cpu"
+
+
+def test_serve_with_a_missing_gpu_stores_nothing(no_cuda, monkeypatch):
+    import argparse
+
+    from hnet_serve.serving import cli, store
+
+    def must_not_run(*_a, **_k):
+        raise AssertionError("the checkpoint was imported into the model store")
+
+    monkeypatch.setattr(store, "import_checkpoint", must_not_run)
+    args = argparse.Namespace(config=None, backend=None, cache_bytes=None, device="cuda",
+                              cache_dtype=None)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        cli.start_server("unused-checkpoint", port=0, args=args)

@@ -124,8 +124,9 @@ def start_server(
     from hnet_serve.serving.store import import_checkpoint
 
     check_port_free(host, port)  # one line now, not a traceback from the child later
-    tag = import_checkpoint(checkpoint)
     opts = args or argparse.Namespace(config=None, backend=None, cache_bytes=None)
+    serve_env(opts, "")  # bad settings (a missing GPU) fail before the model store is touched
+    tag = import_checkpoint(checkpoint)
     env = serve_env(opts, tag)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     sys.stdout.flush()
