@@ -222,8 +222,10 @@ def bench_mixed(threads: int, quick: bool) -> str:
     for hidden, backend, path, rows_total in cases:
         key = "-".join(map(str, hidden))
         model = models.setdefault(key, build_model(hidden, n_tasks))
+        backends.PACK_WEIGHTS = path == "auto"  # a forced path runs the flat weights
         rt = Runtime(model, ServingConfig(backend=backend, intra_op_threads=threads,
                                           cache_bytes=2 * 2**30))
+        backends.PACK_WEIGHTS = True
         names = [f"t{i}" for i in range(n_tasks)]
         rt.cache.warm(names)
         x = np.random.default_rng(0).uniform(0, 1, (rows_total, INPUT)).astype(np.float32)
@@ -238,7 +240,9 @@ def bench_mixed(threads: int, quick: bool) -> str:
         finally:
             backends.STACK_MAX_PARAMS = default_max
         inv = 1 / ratio  # throughput ratio = time(one task) / time(mixed)
-        label = f"{path} ({'stacked bmm' if stacked else 'matmuls per task'})"
+        how = ("packed oneDNN layers per task" if getattr(rt.backend, "packed", False)
+               else "stacked bmm" if stacked else "matmuls per task")
+        label = f"{path} ({how})"
         rows.append([f"{INPUT}-{key}-{CLASSES}", f"{model.target.n_params:,}", backend, label,
                      rows_total, f"{rows_total / t_one:,.0f}", f"{rows_total / t_mixed:,.0f}",
                      f"{inv:.2f}"])
@@ -251,7 +255,8 @@ def bench_mixed(threads: int, quick: bool) -> str:
     )
 
 
-def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool) -> str:
+def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool,
+                      cache_dtype: str = "float32", packed: bool = False) -> str:
     """Where the mixed batch's time goes, for the big target on the torch backend.
 
     The same 32 groups of 32 rows, run (a) each under its own task (the mixed batch), (b) all
@@ -259,20 +264,32 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool) -> str:
     memory traffic), and (c) only reading every task's cached weights once (``sum``, no
     matmul). If (a) ~ (b) + (c), memory and compute do not overlap, and the bound on the
     ratio is set by the bytes to stream (32 tasks x the weights) and the core's bandwidth.
+    ``packed``: the weights cached pre-packed for oneDNN (serving/packed.py); (c) then reads
+    the same bytes in the flat layout (packed tensors have no ``sum``).
     """
     import torch
 
     from benchmarks._report import table
+    from hnet_serve.serving import backends
     from hnet_serve.serving.backends import Group
     from hnet_serve.serving.config import ServingConfig
     from hnet_serve.serving.runtime import Runtime
 
-    rt = Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads,
-                                      cache_bytes=2 * 2**30))
+    def runtime(pack: bool) -> Runtime:
+        backends.PACK_WEIGHTS = pack
+        try:
+            return Runtime(model, ServingConfig(backend="torch", intra_op_threads=threads,
+                                                cache_bytes=2 * 2**30, cache_dtype=cache_dtype))
+        finally:
+            backends.PACK_WEIGHTS = True
+
     names = [f"t{i}" for i in range(n_tasks)]
-    rt.cache.warm(names)
+    rt = runtime(packed)
     by_name = rt.cache.get_many(names)
     entries = [by_name[n] for n in names]
+    flat = rt if not packed else runtime(False)
+    flat_by_name = flat.cache.get_many(names)
+    flat_entries = [flat_by_name[n] for n in names]
     x = np.random.default_rng(1).uniform(0, 1, (32 * n_tasks, INPUT)).astype(np.float32)
     groups = [Group(model.registry.get(n), x[i::n_tasks].copy()) for i, n in enumerate(names)]
     one = [entries[0]] * n_tasks
@@ -280,14 +297,14 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool) -> str:
 
     def stream() -> float:
         with torch.inference_mode():
-            return float(sum(e.weights.sum() for e in entries))
+            return float(sum(t.sum() for e in flat_entries for t in e.stored()))
 
     t_one, t_mixed, _ = paired(lambda: rt.predict("t0", x),
                                lambda: rt.backend.logits(entries, groups),
                                rounds=rounds, number=number)
     t_warm, t_stream, _ = paired(lambda: rt.backend.logits(one, groups), stream,
                                  rounds=rounds, number=number)
-    mib = sum(e.weights.numel() * e.weights.element_size() for e in entries) / 2**20
+    mib = sum(e.nbytes for e in entries) / 2**20
     rows = [["1024 rows of one task (runtime.predict)", ms(t_one), "1.00"],
             [f"(a) {n_tasks} groups x 32 rows, each its own task", ms(t_mixed),
              f"{t_one / t_mixed:.2f}"],
@@ -297,12 +314,13 @@ def bench_mixed_bound(model, n_tasks: int, threads: int, quick: bool) -> str:
              ms(t_stream), f"{mib / 1024 / t_stream:.1f} GiB/s"],
             ["(b) + (c): no overlap of compute and memory", ms(t_warm + t_stream),
              f"{t_one / (t_warm + t_stream):.2f}"]]
-    print(f"mixed bound: one {ms(t_one)} a {ms(t_mixed)} b {ms(t_warm)} c {ms(t_stream)} ms",
-          flush=True)
+    layout = "pre-packed" if packed else "flat"
+    print(f"mixed bound {cache_dtype} {layout}: one {ms(t_one)} a {ms(t_mixed)} "
+          f"b {ms(t_warm)} c {ms(t_stream)} ms", flush=True)
     return (
         f"**Where the mixed batch's time goes** (MLP {INPUT}-{'-'.join(map(str, BIG))}-"
-        f"{CLASSES}, torch backend, threads = {threads}; backend calls without the runtime's "
-        f"row grouping). (a) is the 0.7x goal's case; (b) removes the memory traffic, (c) is "
+        f"{CLASSES}, torch backend, {cache_dtype} weights, {layout} layout, "
+        f"threads = {threads}; backend calls without the runtime's row grouping). (a) is the 0.7x goal's case; (b) removes the memory traffic, (c) is "
         f"the memory traffic alone. When (a) is close to (b) + (c), reading each task's "
         f"weights from memory does not overlap with the matmuls: the batch is bound by the "
         f"bytes to stream ({n_tasks} tasks x the weights, for 32 rows each) at one core's "

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._report import machine, table, write_section
+from hnet_serve.devices import to_device
 from hnet_serve.model import HNetModel
 from hnet_serve.training.config import build_config
 from hnet_serve.training.data import TaskData
@@ -50,10 +51,10 @@ def synthetic_task(name: str, seed: int, n: int = 1024) -> TaskData:
     return TaskData(name, x, y, x[:128], y[:128], num_classes=10)
 
 
-def ours(n_old: int, *, lookahead: bool = False, reg_method: str = "auto"
+def ours(n_old: int, *, lookahead: bool = False, reg_method: str = "auto", device: str = "cpu"
          ) -> tuple[Callable[[], None], HNetMethod]:
-    """A step function of HNetMethod while training task n_old + 1."""
-    config = build_config(**PAPER, lookahead=lookahead, reg_method=reg_method)
+    """A step function of HNetMethod while training task n_old + 1 (on ``device``)."""
+    config = build_config(**PAPER, lookahead=lookahead, reg_method=reg_method, device=device)
     task = synthetic_task("new", 0)
     model: HNetModel = build_model(config, [task])
     for i in range(n_old):  # old tasks: only their embeddings matter for the step cost
@@ -63,12 +64,14 @@ def ours(n_old: int, *, lookahead: bool = False, reg_method: str = "auto"
     data = batches(task.x_train, task.y_train, config.batch_size, 10**9, 0)
 
     def step() -> None:
-        method.train_step(*next(data))
+        x, y = next(data)
+        method.train_step(to_device(x, method.device), to_device(y, method.device))
 
     return step, method
 
 
-def hypnettorch_step(n_old: int, *, lookahead: bool = False) -> Callable[[], None]:
+def hypnettorch_step(n_old: int, *, lookahead: bool = False, device: str = "cpu"
+                     ) -> Callable[[], None]:
     """The same step with hypnettorch 0.0.4 (the paper's reference implementation)."""
     from hypnettorch.hnets import ChunkedHMLP
     from hypnettorch.mnets import MLP
@@ -78,6 +81,8 @@ def hypnettorch_step(n_old: int, *, lookahead: bool = False) -> Callable[[], Non
     mnet = MLP(n_in=INPUT, n_out=10, hidden_layers=(1000, 1000), no_weights=True, verbose=False)
     hnet = ChunkedHMLP(mnet.param_shapes, chunk_size=78_000, chunk_emb_size=8,
                        layers=(25, 25), cond_in_size=24, num_cond_embs=n_old + 1, verbose=False)
+    dev = torch.device(device)
+    hnet.to(dev)
     task_id = n_old
     targets = hreg.get_current_targets(task_id, hnet)
     params = [*hnet.unconditional_params, hnet.conditional_params[task_id]]
@@ -87,6 +92,7 @@ def hypnettorch_step(n_old: int, *, lookahead: bool = False) -> Callable[[], Non
 
     def step() -> None:
         x, y = next(data)
+        x, y = to_device(x, dev), to_device(y, dev)
         optimizer.zero_grad()
         weights = hnet.forward(cond_id=task_id)
         loss = F.cross_entropy(mnet.forward(x, weights=weights), y)

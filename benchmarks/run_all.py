@@ -21,6 +21,9 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
     ("training-default", "benchmarks.bench_default_training", []),
     ("export", "benchmarks.bench_export", []),
     ("serving", "benchmarks.bench_serving", []),
+    ("bf16", "benchmarks.bench_bf16", []),
+    # without CUDA it prints that and exits 0 (the GPU table stays pending)
+    ("gpu", "benchmarks.bench_gpu", []),
     ("protocols", "benchmarks.bench_protocols", []),
     ("scoring", "benchmarks.bench_scoring", []),
     ("startup", "benchmarks.bench_startup", []),

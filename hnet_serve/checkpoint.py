@@ -232,8 +232,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HNetModel:
-    """Load and fully validate a checkpoint directory."""
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+                    ) -> HNetModel:
+    """Load and fully validate a checkpoint directory; its tensors end up on ``map_location``
+    (read on the CPU first: the file is device-free)."""
     path = Path(path)
     raw = read_manifest(path)
     man = Manifest.model_validate(raw)
@@ -311,8 +313,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> HN
         model.task_buffers[task] = {
             b: tensors[f"{BUFFER_PREFIX}{task}/{b}"].clone() for b in model.target.buffer_shapes
         }
-    if map_location != "cpu":
-        hn.to(map_location)
+    if str(map_location) != "cpu":
+        model.to(map_location)  # hypernetwork, target and per-task buffers together
     model.checkpoint_dir = Path(path).absolute()
     return model
 

@@ -88,6 +88,23 @@ class HNetModel:
     def task_names(self) -> list[str]:
         return self.registry.names
 
+    # -- device -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the hypernetwork (and so every generated weight) lives."""
+        return next(self.hypernet.parameters()).device
+
+    def to(self, device: torch.device | str) -> HNetModel:
+        """Move the hypernetwork, the target (its normalization buffers) and every task's
+        buffers to ``device``, in place; returns ``self``. Checkpoints are always saved from
+        CPU copies (``checkpoint.state_tensors``), whatever the device."""
+        device = torch.device(device)
+        self.hypernet.to(device)
+        self.target.to(device)
+        self.task_buffers = {t: {k: b.to(device) for k, b in bufs.items()}
+                             for t, bufs in self.task_buffers.items()}
+        return self
+
     # -- generation and prediction ---------------------------------------------------------
     def generate(self, names: list[str]) -> torch.Tensor:
         """Flat weights for the named tasks, ``(K, n_params)``, in one batched pass."""

@@ -264,7 +264,7 @@ class MLPTarget(TargetNet):
 
     def forward(self, x: torch.Tensor, head: int = 0) -> torch.Tensor:
         x = self.normalize(x.reshape(x.shape[0], *self.config.input_shape))
-        h = x.reshape(x.shape[0], -1)
+        h = x.reshape(x.shape[0], -1).to(self.layers[0].weight.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h)
             if i < len(self.layers) - 1:
@@ -299,7 +299,8 @@ class MLPTarget(TargetNet):
         ``transposed``: ``flat`` is in :meth:`to_serving_layout`'s layout.
         """
         n = x.shape[0]
-        h = self.normalize(x.reshape(n, *self.config.input_shape)).reshape(n, -1)
+        # normalized in float32, then in the weights' dtype (bfloat16 serving cache)
+        h = self.normalize(x.reshape(n, *self.config.input_shape)).reshape(n, -1).to(flat.dtype)
         last = len(self._spans) - 1
         for i, (at, out_f, in_f, bias_at) in enumerate(self._spans):
             w = flat[at : at + out_f * in_f]
@@ -320,6 +321,7 @@ class MLPTarget(TargetNet):
         """
         k, b = x.shape[0], x.shape[1]
         h = self.normalize(x.reshape(k * b, *self.config.input_shape)).reshape(k, b, -1)
+        h = h.to(flat.dtype)  # normalized in float32, then in the weights' dtype
         last = len(self._spans) - 1
         for i, (at, out_f, in_f, bias_at) in enumerate(self._spans):
             w = flat[:, at : at + out_f * in_f]
@@ -403,6 +405,7 @@ class ResNetTarget(TargetNet):
 
     def forward(self, x: torch.Tensor, head: int = 0) -> torch.Tensor:
         x = self.normalize(x.reshape(x.shape[0], *self.config.input_shape))
+        x = x.to(self.conv1.weight.dtype)  # normalized in float32, run in the weights' dtype
         h = F.relu(self.bn1(self.conv1(x)))
         h = self.blocks(h)
         h = h.mean(dim=(2, 3))  # global average pool -> (B, 4w)

@@ -25,6 +25,7 @@ from hnet_serve.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from hnet_serve.devices import resolve_device
 from hnet_serve.errors import ForgettingError, InputError, TaskExistsError
 from hnet_serve.fsutil import check_output_dir, owned_files
 from hnet_serve.model import HNetModel
@@ -292,6 +293,7 @@ def add_task(
     config.check_tasks([task])
     old_data, _ = recorded_tasks(model)
     names = model.task_names
+    model.to(resolve_device(config.device))  # before/after weights on the training device
     with torch.no_grad():
         before = model.hypernet.generate().clone()  # (K, n)
     acc_before = _old_task_accuracies(model, old_data, config.eval_batch_size)
@@ -391,17 +393,19 @@ def evaluate_checkpoint(
     batch_size: int = 1000,
     report_dir: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Accuracy of every task of a checkpoint on its recorded test data (or on ``tasks``);
     ``data_dir``: where recorded data files are looked for when they moved.
 
     Returns ``{"mean_accuracy", "accuracy": {task: acc}, "missing": {task: reason}, ...}``;
     with the training-time accuracy matrix in the checkpoint also ``bwt`` (now vs. just after
-    each task was trained).
+    each task was trained). ``device``: where the weights are generated and run
+    (:func:`~hnet_serve.devices.resolve_device`).
     """
     if report_dir is not None:
         check_report_dir(report_dir, checkpoint)
-    model = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint, map_location=resolve_device(device))
     if tasks is None:
         found, missing = recorded_tasks(model, data_dir=data_dir)
     else:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hnet_serve.devices import DEVICE_HELP, device_arg
 from hnet_serve.errors import ConfigError
 from hnet_serve.training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT, OUTLIER_KINDS
 
@@ -69,6 +70,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--outlier-weight", type=float, metavar="W",
                    help="weight of the uniform-prediction loss on outliers made from each batch "
                    "(sharper task inference by entropy; not in the paper; default 0: off)")
+    g.add_argument("--device", type=device_arg, default=None,
+                   help="where to train: " + DEVICE_HELP)
     g.add_argument("--outlier-kinds", type=_name_list, metavar="K1,K2",
                    help=f"outliers to draw from ({', '.join(OUTLIER_KINDS)}; default: all)")
     g.add_argument("--min-task-rows", type=int, metavar="N",
@@ -121,6 +124,7 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "train_old_embeddings": args.train_old_embeddings,
         "outlier_weight": args.outlier_weight, "outlier_kinds": args.outlier_kinds,
         "min_task_rows": args.min_task_rows, "min_task_classes": args.min_task_classes,
+        "device": args.device,
     }
 
 
@@ -303,7 +307,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             pad=spec.get("pad", False), first_identity=spec.get("first_identity", True),
         )
     report = evaluate_checkpoint(args.checkpoint, tasks=tasks, batch_size=args.batch_size,
-                                 report_dir=args.report_dir, data_dir=args.data_dir)
+                                 report_dir=args.report_dir, data_dir=args.data_dir,
+                                 device=args.device)
     if args.json:
         print_json(report)
     else:
@@ -411,5 +416,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--report-dir", help="write eval.json and the PNGs here")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_eval)

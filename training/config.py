@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hnet_serve.configs import read_mapping_file, validate
+from hnet_serve.devices import check_device
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.targets import TargetSpec
 from hnet_serve.training import DEFAULT_OUTLIER_KINDS, OutlierKind
@@ -80,6 +81,15 @@ class TrainConfig(BaseModel):
     # size is derived from it unless ``hypernet.chunk_size`` is given. None: no derivation.
     compression: float | None = Field(default=1.0, gt=0, le=1.0)
     planned_tasks: int | None = Field(default=None, gt=0, le=100_000)
+    # Where this run trains (hnet_serve.devices: auto, cpu, cuda, cuda:N). Not saved with the
+    # checkpoint (exclude): it says where a run happened, not what the model is, and add-task
+    # on another machine must not inherit a GPU it may not have.
+    device: str = Field(default="auto", exclude=True)
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: object) -> str:
+        return check_device(v)
 
     @field_validator("outlier_kinds")
     @classmethod

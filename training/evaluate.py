@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hnet_serve.devices import to_device
 from hnet_serve.drift import weight_drift  # noqa: F401 - re-exported: add-task and tests use it here
 from hnet_serve.model import HNetModel
 from hnet_serve.training.data import (
@@ -35,7 +36,7 @@ def accuracy_of(predict: Predict, x: np.ndarray, y: np.ndarray, batch_size: int 
     correct = 0
     for start in range(0, len(y), batch_size):
         xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
-        pred = predict(xb).argmax(dim=1).numpy()  # (B,)
+        pred = predict(xb).argmax(dim=1).cpu().numpy()  # (B,)
         correct += int((pred == y[start : start + batch_size]).sum())
     return correct / len(y)
 
@@ -44,7 +45,7 @@ def predictor(model: HNetModel, task_name: str) -> Predict:
     """Logits function for one task with its weights generated once (eval mode)."""
     with torch.no_grad():
         weights = model.generate([task_name])[0]  # (n_params,)
-    return lambda xb: model.logits(task_name, xb, weights=weights)
+    return lambda xb: model.logits(task_name, to_device(xb, weights.device), weights=weights)
 
 
 def accuracy(

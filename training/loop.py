@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hnet_serve.devices import to_device
 from hnet_serve.training.config import TrainConfig
 from hnet_serve.training.data import TaskData
 from hnet_serve.training.evaluate import accuracy_of, continual_metrics
@@ -145,7 +146,7 @@ def _train_one(
     with bar:
         for step, (xb, yb) in enumerate(batches(x, y, config.batch_size, steps,
                                                  task_seed(config.seed, i))):
-            stats = method.train_step(xb, yb)
+            stats = method.train_step(to_device(xb, method.device), to_device(yb, method.device))
             w = 0.1 if step else 1.0  # running averages for the bar
             loss_avg += w * (stats.loss - loss_avg)
             reg_avg += w * (stats.reg - reg_avg)

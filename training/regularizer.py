@@ -236,7 +236,7 @@ def output_regularizer(
         )
     a_star, targets = snapshot.features, snapshot.targets
     if subset is not None:
-        idx = torch.as_tensor(subset, dtype=torch.long)
+        idx = torch.as_tensor(subset, dtype=torch.long, device=emb.device)
         if idx.numel() == 0:
             raise InputError("the regularized subset of old tasks is empty")
         emb, a_star = emb[idx], a_star[idx]

@@ -8,6 +8,7 @@ from typing import Any
 
 # The parser is built on every CLI start: keep this module's imports light (the scorer pulls in
 # torch and pyarrow only when a command runs).
+from hnet_serve.devices import DEVICE_HELP, device_arg
 from hnet_serve.scoring.config import DEFAULT_BATCH_SIZE
 
 
@@ -28,7 +29,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             threads=args.threads, batch_size=args.batch_size, probabilities=args.probabilities,
             on_error=args.on_error, rejects=args.rejects, row_numbers=args.row_numbers,
             keep_columns=args.keep_columns, min_confidence=args.min_confidence,
-            progress=not args.no_progress,
+            progress=not args.no_progress, device=args.device,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -66,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="per-row task names in this column (empty: infer that row's task)")
     p.add_argument("--backend", choices=["torch", "onnx"], default=None,
                    help="onnx (default: the fastest here, see docs/scoring.md) or torch")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="intra-op threads of the backend (default: the CPUs this process may use)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",

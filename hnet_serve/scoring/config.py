@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hnet_serve.configs import validate
+from hnet_serve.devices import check_device
 
 # Rows per chunk: memory scales with it.
 DEFAULT_BATCH_SIZE = 8192
@@ -32,6 +33,13 @@ class ScoringConfig(BaseModel):
     min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
     # Columns passed through to the output unchanged, in the input's order (an id to join on).
     keep_columns: list[str] = Field(default_factory=list)
+    # where weights are generated and run (hnet_serve.devices: auto, cpu, cuda, cuda:N)
+    device: str = "auto"
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: Any) -> str:
+        return check_device(v)
 
     @field_validator("keep_columns", mode="before")
     @classmethod

@@ -183,7 +183,7 @@ def runtime_for(checkpoint: Runtime | str | os.PathLike, config: ScoringConfig) 
         return checkpoint
     # A batch-sized row limit: the service's max_rows guards requests, not files.
     return Runtime.from_checkpoint(checkpoint, backend=config.backend, max_rows=config.batch_size,
-                                   intra_op_threads=config.threads)
+                                   intra_op_threads=config.threads, device=config.device)
 
 
 # -- in-memory batches --------------------------------------------------------------------

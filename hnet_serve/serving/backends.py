@@ -15,6 +15,14 @@
 
 Both generate every missing task of a cache load in one batched hypernetwork pass, and both
 return float32 numpy logits already cut to each task's own classes.
+
+**Devices and dtypes.** Both run where the model is (``ServingConfig.device``): the torch backend
+keeps its cached weights on that device, the onnx backend asks ONNX Runtime for its CUDA
+provider when the device is CUDA and the provider is installed. The torch backend stores the
+cached weights in ``ServingConfig.cache_dtype``: with ``bfloat16`` every matmul reads half the
+bytes (oneDNN's bf16 GEMM accumulates in float32 and rounds its output to bfloat16; activations
+stay bfloat16 between layers, inputs are normalized in float32 first, logits come back float32).
+Measured agreement with float32 and speed: docs/benchmarks.md, "bfloat16 weight cache".
 """
 
 from __future__ import annotations
@@ -30,9 +38,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from hnet_serve.devices import to_device
 from hnet_serve.errors import ConfigError
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import TaskInfo
+from hnet_serve.serving.packed import PackedLayer, can_pack, pack, run_packed
+from hnet_serve.serving.packed import nbytes as packed_nbytes
 from hnet_serve.targets import MLPTarget
 
 # Stacking K tasks' MLP weights for one bmm copies K * n_params floats; it pays off only while
@@ -42,6 +53,9 @@ from hnet_serve.targets import MLPTarget
 STACK_MAX_PARAMS = 50_000
 # A stacked bucket may pad its groups to the largest one; allow at most this much padding.
 STACK_MAX_PADDING = 1.5
+# Larger MLPs on the CPU cache each layer pre-packed for oneDNN (serving/packed.py): False
+# keeps the flat layout (benchmarks compare both).
+PACK_WEIGHTS = True
 
 
 @dataclass
@@ -56,9 +70,16 @@ class Group:
 class TorchEntry:
     """What the torch backend caches for a task."""
 
-    weights: torch.Tensor  # (n_params,), its own storage
+    weights: torch.Tensor | None  # (n_params,), its own storage; None when packed
     buffers: dict[str, torch.Tensor] | None
     nbytes: int
+    layers: list[PackedLayer] | None = None  # pre-packed MLP layers (serving/packed.py)
+
+    def stored(self) -> list[torch.Tensor]:
+        """Every tensor this entry holds (what its ``nbytes`` counts)."""
+        if self.layers is not None:
+            return [t for lay in self.layers for t in (lay.weight, lay.bias) if t is not None]
+        return [self.weights, *(self.buffers or {}).values()]  # type: ignore[list-item]
 
 
 class Backend(Protocol):
@@ -154,15 +175,17 @@ def run_generated(
                 g = groups[i]
                 xs[k, : g.x.shape[0]] = torch.from_numpy(g.x.reshape(g.x.shape[0], -1))
             w = torch.stack([weights[i] for i in bucket])  # (K, n_params)
-            y = target.forward_stacked(w, xs, head=groups[bucket[0]].info.head,
+            y = target.forward_stacked(w, to_device(xs, w.device),
+                                       head=groups[bucket[0]].info.head,
                                        transposed=transposed)  # (K, B, C)
+            y = y.float().cpu()
             for k, i in enumerate(bucket):
                 g = groups[i]
                 out[i] = y[k, : g.x.shape[0], : g.info.num_classes].numpy()
     for i, g in enumerate(groups):
         if out[i] is not None:
             continue
-        x = torch.from_numpy(g.x)
+        x = to_device(torch.from_numpy(g.x), weights[i].device)
         if isinstance(target, MLPTarget):
             # plain matmuls on views of the flat weights, no functional_call
             y = target.forward_one(weights[i], x, head=g.info.head, transposed=transposed)
@@ -172,23 +195,33 @@ def run_generated(
             bufs = buffers[i] if buffers is not None else model.task_buffers.get(g.info.name)
             with _call_lock(target):
                 y = target.apply_weights(weights[i], x, bufs, head=g.info.head)  # (B, C)
-        out[i] = y[:, : g.info.num_classes].numpy()
+        out[i] = y[:, : g.info.num_classes].float().cpu().numpy()
     return out  # type: ignore[return-value]
 
 
 class TorchBackend:
-    """Generated weights cached as tensors; the target runs them in-process."""
+    """Generated weights cached as tensors (in ``dtype``, on the model's device); the target
+    runs them in-process."""
 
     name = "torch"
 
-    def __init__(self, model: HNetModel) -> None:
+    def __init__(self, model: HNetModel, *, dtype: torch.dtype = torch.float32) -> None:
         self.model = model
+        self.dtype = dtype
+        target = model.target
+        self.packed = (PACK_WEIGHTS and target.n_params > STACK_MAX_PARAMS
+                       and can_pack(target, model.device, dtype))
 
     def build(self, names: list[str]) -> list[TorchEntry]:
         """Generate ``names`` in one batched call; MLP weights are kept transposed
         (``MLPTarget.to_serving_layout``: cold weights stream in row order)."""
         target = self.model.target
         mlp = isinstance(target, MLPTarget)
+        if self.packed:
+            with torch.inference_mode():
+                flat = self.model.generate(names)  # (K, n_params)
+            packs = [pack(target, row, self.dtype) for row in flat]  # type: ignore[arg-type]
+            return [TorchEntry(None, None, packed_nbytes(p), p) for p in packs]
         if mlp:
             with torch.inference_mode():
                 flat = self.model.generate(names)  # (K, n_params)
@@ -198,7 +231,10 @@ class TorchBackend:
             rows = generate_weights(self.model, names)
         entries = []
         for name, w in zip(names, rows):
+            w = w.to(self.dtype)  # its own storage either way (a new tensor or the clone)
             bufs = self.model.task_buffers.get(name) or None
+            if bufs and self.dtype != torch.float32:
+                bufs = {k: b.to(self.dtype) for k, b in bufs.items()}
             size = w.numel() * w.element_size()
             if bufs:
                 size += sum(b.numel() * b.element_size() for b in bufs.values())
@@ -209,6 +245,9 @@ class TorchBackend:
         return entry.nbytes
 
     def logits(self, entries: Sequence[TorchEntry], groups: Sequence[Group]) -> list[np.ndarray]:
+        if self.packed:
+            return [run_packed(self.model.target, e.layers, g.x, g.info.head,  # type: ignore
+                               g.info.num_classes) for e, g in zip(entries, groups)]
         # build() keeps every MLP's weights in the serving layout
         return run_generated(
             self.model, [e.weights for e in entries], groups, [e.buffers for e in entries],
@@ -257,7 +296,8 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, model: HNetModel, *, threads: int | None = None) -> None:
+    def __init__(self, model: HNetModel, *, threads: int | None = None,
+                 device: torch.device | None = None) -> None:
         try:
             from hnet_serve.onnx_graph import TaskGraph
         except ImportError as exc:  # pragma: no cover - depends on the export module
@@ -266,6 +306,7 @@ class OnnxBackend:
         self.threads = int(threads or default_threads())
         self.graph = TaskGraph.build(model)  # traced once
         self._options = session_options(self.threads)
+        self.providers = onnx_providers(device or torch.device("cpu"))
 
     def build(self, names: list[str]) -> list[OnnxEntry]:
         import onnxruntime as ort
@@ -274,7 +315,7 @@ class OnnxBackend:
         for name, w in zip(names, generate_weights(self.model, names)):
             data = self.graph.serialize(name, weights=w)
             session = ort.InferenceSession(
-                data, sess_options=self._options, providers=["CPUExecutionProvider"]
+                data, sess_options=self._options, providers=self.providers
             )
             # The session holds the initializers (about the serialized size) plus its arena.
             entries.append(OnnxEntry(session, len(data)))
@@ -291,15 +332,31 @@ class OnnxBackend:
         return out
 
 
-def make_backend(name: str, model: HNetModel, *, threads: int | None = None) -> Backend:
+def onnx_providers(device: torch.device) -> list[Any]:
+    """ORT execution providers for ``device``: CUDA (on that GPU) before the CPU when the
+    device is CUDA and onnxruntime has the CUDA provider (``onnxruntime-gpu``), else the CPU."""
+    import onnxruntime as ort
+
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}),
+                "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_backend(name: str, model: HNetModel, *, threads: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None
+                 ) -> Backend:
     if name == "torch":
-        return TorchBackend(model)
+        return TorchBackend(model, dtype=dtype)
     if name == "onnx":
-        return OnnxBackend(model, threads=threads)
+        if dtype != torch.float32:
+            raise ConfigError("cache_dtype bfloat16 needs backend 'torch' (the onnx backend's "
+                              "sessions run float32 graphs); use --backend torch")
+        return OnnxBackend(model, threads=threads, device=device)
     raise ConfigError(f"backend must be 'torch' or 'onnx', got {name!r}")
 
 
-def nbytes_estimate(model: HNetModel) -> int:
-    """Bytes one cached task takes with the torch backend (weights + buffers, float32)."""
+def nbytes_estimate(model: HNetModel, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one cached task takes with the torch backend (weights + buffers, in ``dtype``)."""
     bufs = sum(math.prod(s) for s in model.target.buffer_shapes.values())
-    return 4 * (model.target.n_params + bufs)
+    return torch.empty((), dtype=dtype).element_size() * (model.target.n_params + bufs)

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from hnet_serve.devices import DEVICE_HELP, device_arg
 from hnet_serve.errors import ConfigError
 
 SERVICE = "hnet_serve.serving.service:HNetService"
@@ -52,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch (in-process generated weights) or onnx (an ORT session per task)")
     p.add_argument("--cache-bytes", default=None,
                    help="weight cache budget, bytes or with a unit: 536870912, 512MiB, 2GB")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="where weights are generated and run (HNET_DEVICE): " + DEVICE_HELP)
+    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="dtype the cached weights are stored and multiplied in (HNET_CACHE_DTYPE; "
+                   "default float32; bfloat16 halves the bytes per task, torch backend)")
     p.add_argument("--config", default=None, help="YAML/JSON serving config file (HNET_CONFIG)")
     p.add_argument("--json", action="store_true",
                    help="print the imported model tag and URL as JSON before serving")
@@ -99,6 +105,9 @@ def serve_env(args: argparse.Namespace, tag: str) -> dict[str, str]:
         env["HNET_BACKEND"] = args.backend
     if args.cache_bytes is not None:
         env["HNET_CACHE_BYTES"] = str(args.cache_bytes)
+    for flag, var in (("device", "HNET_DEVICE"), ("cache_dtype", "HNET_CACHE_DTYPE")):
+        if getattr(args, flag, None) is not None:
+            env[var] = str(getattr(args, flag))
     if getattr(args, "watch", False):
         from hnet_serve.serving.admin import TOKEN_ENV, admin_token
 
@@ -108,7 +117,11 @@ def serve_env(args: argparse.Namespace, tag: str) -> dict[str, str]:
             env[TOKEN_ENV] = token
         args.watch_token = token
     # Fail here, with a clear message, rather than in the server's log.
-    ServingConfig.from_env(env)
+    config = ServingConfig.from_env(env)
+    if env.get("HNET_DEVICE"):
+        from hnet_serve.devices import resolve_device
+
+        resolve_device(config.device)  # `cuda` on a machine without one: one line, now
     return env
 
 
@@ -145,8 +158,9 @@ def start_server(
     from hnet_serve.serving.store import import_checkpoint
 
     check_port_free(host, port)  # one line now, not a traceback from the child later
-    tag = import_checkpoint(checkpoint)
     opts = args or argparse.Namespace(config=None, backend=None, cache_bytes=None)
+    serve_env(opts, "")  # bad settings (a missing GPU) fail before the model store is touched
+    tag = import_checkpoint(checkpoint)
     env = serve_env(opts, tag)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     sys.stdout.flush()

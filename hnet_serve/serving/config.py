@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hnet_serve.configs import read_mapping_file, validate
+from hnet_serve.devices import check_device
 from hnet_serve.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -73,11 +74,20 @@ class ServingConfig(BaseModel):
     min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
     # the Open Inference Protocol's name of the task-inference model (serving/oip.py)
     oip_infer_model: str = Field(default="_infer", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # where the hypernetwork, the cached weights and the backends run (hnet_serve.devices)
+    device: str = "auto"
+    # the dtype cached weights are stored and multiplied in (torch backend; docs/serving.md)
+    cache_dtype: Literal["float32", "bfloat16"] = "float32"
 
     @field_validator("cache_bytes", "max_request_bytes", mode="before")
     @classmethod
     def _sizes(cls, v: object) -> int:
         return parse_bytes(v)
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: object) -> str:
+        return check_device(v)
 
     @field_validator("pinned", "warm", "exclude_from_inference", mode="before")
     @classmethod
@@ -85,6 +95,17 @@ class ServingConfig(BaseModel):
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _bf16_runs_on_torch(self) -> ServingConfig:
+        # Only the torch backend has a bfloat16 path: bfloat16 alone picks it, bfloat16 with an
+        # explicit onnx backend is refused.
+        if self.cache_dtype == "bfloat16" and self.backend != "torch":
+            if "backend" in self.model_fields_set:
+                raise ValueError("cache_dtype bfloat16 needs backend 'torch' (the onnx "
+                                 "backend's sessions run float32 graphs)")
+            self.backend = "torch"
+        return self
 
     @classmethod
     def build(cls, **values: Any) -> ServingConfig:

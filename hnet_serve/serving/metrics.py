@@ -40,6 +40,10 @@ def metrics_text(runtime: Runtime | None, requests: dict[str, int],
             yield GaugeMetricFamily(
                 "hnet_ready", "1 once the checkpoint is loaded", value=float(runtime is not None)
             )
+            if runtime is not None:  # bytes above are counted in this dtype
+                yield InfoMetricFamily("hnet_cache", "how cached weights are stored",
+                                       value={"dtype": runtime.config.cache_dtype,
+                                              "device": str(runtime.device)})
             if version is not None:
                 yield InfoMetricFamily("hnet_checkpoint", "the served checkpoint (its content "
                                        "hash is its version)", value={"version": version})

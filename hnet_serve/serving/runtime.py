@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hnet_serve.devices import resolve_device, resolve_dtype
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.model import HNetModel
 from hnet_serve.registry import TaskInfo
@@ -128,7 +129,11 @@ class Runtime:
         threads = self.config.intra_op_threads
         if threads:
             torch.set_num_threads(threads)
-        self.backend = make_backend(self.config.backend, model, threads=threads)
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.cache_dtype)
+        model.to(self.device)
+        self.backend = make_backend(self.config.backend, model, threads=threads,
+                                    dtype=self.dtype, device=self.device)
         self.cache: WeightCache[Any] = WeightCache(
             self.backend.build,
             capacity_bytes=self.config.cache_bytes,
@@ -145,7 +150,7 @@ class Runtime:
         # read for every request body's bounds (http.BodyBounds): once, not per request
         self._input_shapes = list(dict.fromkeys(tuple(t.input_shape) for t in model.registry))
         self._input_size = math.prod(self._input_shape)
-        self._step_tasks = max(1, STEP_BYTES // max(1, nbytes_estimate(model)))
+        self._step_tasks = max(1, STEP_BYTES // max(1, nbytes_estimate(model, self.dtype)))
         start = list(dict.fromkeys([*self.config.pinned, *self.config.warm]))
         if start:
             self.cache.warm(start)
@@ -377,6 +382,8 @@ class Runtime:
         pinned = set(self.cache.pinned)
         return {
             "backend": self.backend.name,
+            "device": str(self.device),
+            "cache_dtype": self.config.cache_dtype,
             "tasks": [
                 {**t.summary(), "cached": t.name in cached, "pinned": t.name in pinned}
                 for t in self.model.registry

@@ -27,6 +27,8 @@ class ContinualMethod(ABC):
     """A continual-learning method driven by :func:`run_tasks`."""
 
     name: str = ""
+    #: where the method's parameters live; run_tasks moves each batch there
+    device: torch.device = torch.device("cpu")
 
     @abstractmethod
     def begin_task(self, index: int, task: TaskData) -> None:

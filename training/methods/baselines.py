@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from hnet_serve.configs import validate
+from hnet_serve.devices import resolve_device, to_device
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.model import HNetModel
 from hnet_serve.targets import MLPConfig, ResNetConfig, TargetNet, build_target
@@ -101,6 +102,7 @@ class NetworkMethod(ContinualMethod):
             target_config = target_config.model_copy(update={"num_heads": 1})
         self.target_config = target_config
         self.config = config
+        self.device = resolve_device(config.device)
         self.options = BaselineOptions.build(options)
         self.net: TargetNet | None = None
         self.nets: dict[str, TargetNet] = {}  # task -> the network that answers it
@@ -116,7 +118,7 @@ class NetworkMethod(ContinualMethod):
     def new_network(self, index: int) -> TargetNet:
         """A freshly initialized target (seeded by the run's seed and ``index``)."""
         torch.manual_seed(task_seed(self.config.seed, 2_000 + index))
-        return build_target(self.target_config)
+        return build_target(self.target_config).to(self.device)  # seeded init on the CPU
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -221,14 +223,16 @@ class NetworkMethod(ContinualMethod):
         x = task.x_train
         rng = np.random.default_rng(task_seed(self.config.seed, 3_000 + index))
         idx = np.sort(rng.choice(len(x), size=min(n, len(x)), replace=False))
-        return torch.from_numpy(np.ascontiguousarray(x[idx]))
+        return to_device(torch.from_numpy(np.ascontiguousarray(x[idx])), self.device)
 
 
 def _predict(net: TargetNet, head: int, classes: int) -> Predict:
+    device = next(net.parameters()).device
+
     def predict(xb: torch.Tensor) -> torch.Tensor:
         net.eval()
         with torch.no_grad():
-            return net(xb, head=head)[:, :classes]  # (B, classes)
+            return net(to_device(xb, device), head=head)[:, :classes]  # (B, classes)
 
     return predict
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from hnet_serve.devices import resolve_device
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.hypernet import HypernetConfig, derive_hypernet
 from hnet_serve.model import HNetModel
@@ -129,7 +130,8 @@ class HNetMethod(ContinualMethod):
             raise ConfigError(
                 f"the hnet method takes no method_options, got {sorted(config.method_options)}"
             )
-        self.model = model
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)  # snapshots and regularizer follow the hypernetwork
         self.config = config
         self.snapshot: Snapshot | None = None
         self.row = -1
