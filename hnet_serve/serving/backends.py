@@ -126,6 +126,13 @@ def _call_lock(target: torch.nn.Module) -> threading.Lock:
         return lock
 
 
+def _buffers_of(model: HNetModel, buffers: Sequence[dict[str, torch.Tensor] | None] | None,
+                i: int, group: Group) -> dict[str, torch.Tensor] | None:
+    """Group ``i``'s per-task buffers (batch-norm and input-normalization statistics)."""
+    bufs = buffers[i] if buffers is not None else None
+    return bufs if bufs is not None else (model.task_buffers.get(group.info.name) or None)
+
+
 @torch.inference_mode()
 def run_generated(
     model: HNetModel,
@@ -154,8 +161,11 @@ def run_generated(
                 g = groups[i]
                 xs[k, : g.x.shape[0]] = torch.from_numpy(g.x.reshape(g.x.shape[0], -1))
             w = torch.stack([weights[i] for i in bucket])  # (K, n_params)
+            norms = [_buffers_of(model, buffers, i, groups[i]) for i in bucket]
+            stacked = ({n: torch.stack([b[n] for b in norms]) for n in norms[0]}  # (K, ...)
+                       if norms[0] else None)
             y = target.forward_stacked(w, xs, head=groups[bucket[0]].info.head,
-                                       transposed=transposed)  # (K, B, C)
+                                       transposed=transposed, buffers=stacked)  # (K, B, C)
             for k, i in enumerate(bucket):
                 g = groups[i]
                 out[i] = y[k, : g.x.shape[0], : g.info.num_classes].numpy()
@@ -163,13 +173,14 @@ def run_generated(
         if out[i] is not None:
             continue
         x = torch.from_numpy(g.x)
+        bufs = _buffers_of(model, buffers, i, g)
         if isinstance(target, MLPTarget):
             # plain matmuls on views of the flat weights, no functional_call
-            y = target.forward_one(weights[i], x, head=g.info.head, transposed=transposed)
+            y = target.forward_one(weights[i], x, head=g.info.head, transposed=transposed,
+                                   buffers=bufs)
         else:
             if transposed:
                 raise ConfigError("only MLP targets have a transposed serving layout")
-            bufs = buffers[i] if buffers is not None else model.task_buffers.get(g.info.name)
             with _call_lock(target):
                 y = target.apply_weights(weights[i], x, bufs, head=g.info.head)  # (B, C)
         out[i] = y[:, : g.info.num_classes].numpy()

@@ -341,7 +341,9 @@ def make_baseline(
     opts = BaselineOptions.build(options) if options is not None else (
         BaselineOptions.from_config(config)
     )
-    return _CLASSES[method](target_config_for(config, tasks), config, opts)
+    # One network answers several tasks: the first task's statistics, as constants of the config.
+    target = target_config_for(config, tasks, checkpoint=False)
+    return _CLASSES[method](target, config, opts)
 
 
 def baseline_factory(method: str) -> Callable[[TrainConfig, list[TaskData], HNetModel | None],
