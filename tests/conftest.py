@@ -96,7 +96,6 @@ def normed_mlp_model(mode: str = "per-feature", n_tasks: int = 3, *,
                      input_shape: tuple[int, ...] = (6,), seed: int = 0) -> HNetModel:
     """A tiny MLP that normalizes each task's inputs with its own (fitted) statistics; task
     ``i``'s features live on scales 10**(j - 2) (1e-2 .. 1e3), shifted per task."""
-    import numpy as np
 
     from hnet_serve.normalization import fit_norm
 

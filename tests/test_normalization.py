@@ -71,8 +71,8 @@ def test_each_task_uses_its_own_statistics_on_every_path():
         torch.testing.assert_close(want, manual[:, :4])
         torch.testing.assert_close(target.forward_one(flat, x, buffers=bufs), want)
         stacked_w.append(flat)
-        for k in stacked_b:
-            stacked_b[k].append(bufs[k])
+        for k, values in stacked_b.items():
+            values.append(bufs[k])
     # the statistics differ per task, so do the answers
     a, b = (model.task_buffers[n]["input_mean"] for n in model.task_names[:2])
     assert not torch.equal(a, b)
@@ -116,3 +116,86 @@ def test_add_task_needs_statistics_that_fit():
     with pytest.raises(InputError, match="std > 0"):
         model.add_task("zero-std", input_norm=(np.zeros(6), np.zeros(6)))
     assert model.task_names == ["norm-0"]
+
+
+def test_resnet_per_channel_statistics_reach_the_traced_and_dynamic_onnx_graphs():
+    """Images: per-channel statistics as (C, 1, 1) buffers, through the traced per-task graph
+    and the dynamic graph (a per-task table gathered by task index)."""
+    import onnxruntime as ort
+
+    from hnet_serve.export.dynamic_graph import dynamic_model_proto
+    from hnet_serve.hypernet import HypernetConfig
+    from hnet_serve.model import HNetModel
+    from hnet_serve.onnx_graph import INPUT_NAME, OUTPUT_NAME, TASK_INDEX_NAME, TaskGraph
+    from hnet_serve.targets import ResNetConfig
+
+    model = HNetModel(
+        ResNetConfig(input_shape=(3, 8, 8), num_classes=4, blocks_per_stage=1, width=4,
+                     input_norm="per-channel"),
+        HypernetConfig(kind="chunked", hidden=[8], task_emb_dim=5, chunk_emb_dim=3,
+                       chunk_size=300), seed=0)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        x = (rng.random((32, 3, 8, 8)) * (i + 1) * np.array([1, 10, 100]).reshape(3, 1, 1))
+        model.add_task(f"img-{i}", input_norm=fit_norm(x, "per-channel", (3, 8, 8)))
+    assert model.task_buffers["img-1"]["input_mean"].shape == (3, 1, 1)
+    x = (rng.random((5, 3, 8, 8)) * np.array([1, 10, 100]).reshape(3, 1, 1)).astype(np.float32)
+    graph = TaskGraph.build(model)
+    dyn = ort.InferenceSession(dynamic_model_proto(model).SerializeToString(),
+                               providers=["CPUExecutionProvider"])
+    for info in model.registry:
+        want = model.logits(info.name, torch.from_numpy(x)).numpy()
+        sess = ort.InferenceSession(graph.serialize(info.name), providers=["CPUExecutionProvider"])
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        assert np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max())
+        got = dyn.run([OUTPUT_NAME], {TASK_INDEX_NAME: np.array(info.index), INPUT_NAME: x})[0]
+        assert np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max())
+
+
+def test_a_checkpoint_from_before_per_task_statistics_answers_identically(tmp_path):
+    """Today's manifests have no ``input_norm``: one input_mean/input_std in the target config,
+    applied to every task exactly as before."""
+    import json
+
+    from hnet_serve.checkpoint import MANIFEST, WEIGHTS, _content_hash
+    from tests.conftest import tiny_resnet_model
+
+    model = tiny_resnet_model(2)  # config-level per-channel mean/std, batch-norm buffers
+    save_checkpoint(model, tmp_path / "old")
+    path = tmp_path / "old" / MANIFEST
+    raw = json.loads(path.read_text())
+    del raw["target"]["input_norm"]  # what an older hnet-serve wrote
+    raw["content_hash"] = _content_hash(raw, (tmp_path / "old" / WEIGHTS).read_bytes())
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True))
+    back = load_checkpoint(tmp_path / "old")
+    assert back.target_config.input_norm == "none"
+    assert back.target_config.input_mean == [0.5, 0.5, 0.5]
+    x = torch.rand(4, 3, 8, 8)
+    for name in model.task_names:
+        torch.testing.assert_close(back.logits(name, x), model.logits(name, x), rtol=0, atol=0)
+
+
+def test_independent_baseline_networks_standardize_with_their_own_task():
+    """The one-network-per-task reference (add-task --reference, the benchmarks) normalizes as
+    the hypernetwork does; a network shared by several tasks keeps the first task's constants."""
+    from hnet_serve.training.config import build_config
+    from hnet_serve.training.data import TaskData
+    from hnet_serve.training.loop import run_tasks
+    from hnet_serve.training.methods.baselines import make_baseline
+
+    tasks = []
+    for i in range(2):
+        x = scaled_inputs(60, (6,), seed=i, shift=3 * i)
+        y = (x[:, -1] > np.median(x[:, -1])).astype(np.int64)
+        tasks.append(TaskData(f"t{i}", x[:48], y[:48], x[48:], y[48:]))
+    cfg = build_config(benchmark="custom", iterations=2, batch_size=16,
+                       target={"hidden": [4]})
+    indep = make_baseline("independent", cfg, tasks)
+    run_tasks(indep, tasks, cfg, progress=False)
+    assert indep.target_config.input_norm == "per-feature"
+    for t in tasks:
+        np.testing.assert_allclose(indep.nets[t.name].input_mean.numpy(),
+                                   t.x_train.mean(axis=0), rtol=1e-4)
+    shared = make_baseline("finetune", cfg, tasks)
+    assert shared.target_config.input_norm == "none"
+    assert shared.target_config.input_mean[0] == pytest.approx(tasks[0].x_train.mean(), rel=1e-4)

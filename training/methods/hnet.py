@@ -25,8 +25,8 @@ from hnet_serve.training.outliers import make_outlier_maker, outlier_loss
 from hnet_serve.training.regularizer import Snapshot, make_snapshot, output_regularizer
 
 
-def target_config_for(config: TrainConfig, tasks: list[TaskData], *, checkpoint: bool = True
-                      ) -> MLPConfig | ResNetConfig:
+def target_config_for(config: TrainConfig, tasks: list[TaskData], *, checkpoint: bool = True,
+                      per_task_norm: bool | None = None) -> MLPConfig | ResNetConfig:
     """The target network for ``tasks``: ``config.target``'s architecture; input shape, classes,
     heads from the data.
 
@@ -34,8 +34,9 @@ def target_config_for(config: TrainConfig, tasks: list[TaskData], *, checkpoint:
     tasks added later (``max_classes``, default max(10, the largest task's classes)),
     multi-head targets reserve heads likewise (``num_heads``, default max(10, the tasks)), and
     each task's inputs are normalized with its own statistics (``config.normalize``). The
-    baselines (one network shared by the tasks of one run, never extended) get exactly the
-    run's classes and heads, and the first task's statistics as constants of the config."""
+    baselines (never extended) get exactly the run's classes and heads, and, unless
+    ``per_task_norm`` (one network per task), the first task's statistics as constants of the
+    config (one network answers every task)."""
     if not tasks:
         raise InputError("no tasks to train")
     shape = tasks[0].input_shape
@@ -53,7 +54,7 @@ def target_config_for(config: TrainConfig, tasks: list[TaskData], *, checkpoint:
     reserve = RESERVED_MIN if checkpoint else 0
     classes = config.max_classes or max(reserve, largest)
     heads = (config.num_heads or max(reserve, len(tasks))) if config.multi_head else 1
-    if checkpoint:
+    if checkpoint if per_task_norm is None else per_task_norm:
         # the built-in benchmarks are images, flattened or not; custom flat data is tabular
         image = config.benchmark != "custom"
         norm = {"input_norm": resolve_mode(config.normalize, shape, image=image)}
