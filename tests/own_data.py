@@ -43,6 +43,7 @@ def write_csv(path: Path, x: np.ndarray, labels: list | np.ndarray, *, ids: bool
 
 
 FAULTS = ["ok", "bearing", "seal", "misalign", "cavitation", "overheat"]
+SCORED = 40
 
 
 def write_own_data(directory: Path) -> dict[str, Path]:
@@ -53,8 +54,15 @@ def write_own_data(directory: Path) -> dict[str, Path]:
     for name, seed in (("pumps", 11), ("valves", 12)):
         x, y = tabular_task(seed)
         files[name] = write_csv(directory / f"{name}.csv", x, y)
-    x, y = tabular_task(13, classes=6)
-    files["faults"] = write_csv(directory / "faults.csv", x, [FAULTS[c] for c in y])
-    xs, _ = tabular_task(13, n=40, classes=6)
-    files["new-faults"] = write_csv(directory / "new-faults.csv", xs, [], ids=True, label=False)
+    x, y = tabular_task(13, n=2500 + SCORED, classes=6)  # the last rows come later, unlabeled
+    files["faults"] = write_csv(directory / "faults.csv", x[:-SCORED],
+                                [FAULTS[c] for c in y[:-SCORED]])
+    files["new-faults"] = write_csv(directory / "new-faults.csv", x[-SCORED:], [], ids=True,
+                                    label=False)
     return files
+
+
+def scored_truth() -> list[str]:
+    """The true fault names of ``new-faults.csv``'s rows, in order."""
+    _, y = tabular_task(13, n=2500 + SCORED, classes=6)
+    return [FAULTS[c] for c in y[-SCORED:]]
