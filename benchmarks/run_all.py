@@ -24,6 +24,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
     ("protocols", "benchmarks.bench_protocols", []),
     ("scoring", "benchmarks.bench_scoring", []),
     ("accuracy", "benchmarks.bench_accuracy", []),
+    ("own-data", "benchmarks.bench_own_data", []),
     ("reproduction-split-mnist", "benchmarks.bench_reproduction",
      ["--benchmark", "split-mnist"]),
     ("reproduction-permuted-fmnist", "benchmarks.bench_reproduction",
