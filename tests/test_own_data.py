@@ -58,7 +58,8 @@ def test_readme_own_data_commands_run_as_written(tmp_path, monkeypatch, capsys, 
     monkeypatch.chdir(tmp_path)
     commands = readme_commands()
     assert [c[:2] for c in commands] == [["hnet-serve", "train"], ["hnet-serve", "add-task"],
-                                         ["hnet-serve", "score"], ["hnet-serve", "eval"]]
+                                         ["hnet-serve", "score"], ["hnet-serve", "eval"],
+                                         ["hnet-serve", "export"]]
     outputs = []
     for argv in commands:
         code = main([*argv[1:], "--no-progress"] if argv[1] in ("train", "add-task") else argv[1:])
@@ -93,6 +94,18 @@ def test_readme_own_data_commands_run_as_written(tmp_path, monkeypatch, capsys, 
     assert right >= 0.75 * len(rows), right
     labels = sorted(FAULTS)  # label names are sorted strings: class i is labels[i]
     assert all(labels[int(r["prediction"])] == r["label"] for r in rows)
+    # 4. the exported task takes the same raw rows (normalization inside the graph)
+    import numpy as np
+    import onnxruntime as ort
+
+    from tests.own_data import tabular_task
+
+    x = tabular_task(13, n=2500 + len(rows), classes=6)[0][-len(rows):]
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "faults.onnx"),
+                                providers=["CPUExecutionProvider"])
+    (logits,) = sess.run(["logits"], {"input": x})
+    assert logits.shape == (len(rows), 6)
+    assert np.argmax(logits, 1).tolist() == [int(r["prediction"]) for r in rows]
 
 
 def test_more_classes_than_reserved_is_one_line_naming_max_classes(tmp_path, capsys, one_thread):
