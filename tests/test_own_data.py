@@ -123,6 +123,7 @@ def test_more_classes_than_reserved_is_one_line_naming_max_classes(tmp_path, cap
                  "--out", str(tmp_path / "ck2"), "--iterations", "5", "--json", "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 1 and "--max-classes 12" in err and len(err.strip().splitlines()) == 1
+    assert "wide.csv" in err  # the file, the option
     assert "--max-classes" in json.loads(out)["error"]
     assert not (tmp_path / "ck2").exists()
     # --max-classes reserves the width up front; the wide task then fits

@@ -152,7 +152,7 @@ def check_room(model: HNetModel, task: TaskData) -> int:
     tc = model.target_config
     if task.num_classes > tc.num_classes:
         raise InputError(
-            f"task {task.name!r} has {task.num_classes} classes but this checkpoint reserves "
+            f"{_named(task)} has {task.num_classes} classes but this checkpoint reserves "
             f"{tc.num_classes}: train a new checkpoint with --max-classes {task.num_classes} "
             "(or more)")
     if tc.num_heads == 1:
@@ -161,8 +161,25 @@ def check_room(model: HNetModel, task: TaskData) -> int:
     if head >= tc.num_heads:
         raise InputError(
             f"all {tc.num_heads} output heads of this multi-head checkpoint are used: train a "
-            f"new one with a larger num_heads (config file) for task {task.name!r}")
+            f"new one with a larger num_heads (config file) for {_named(task)}")
     return head
+
+
+def _named(task: TaskData) -> str:
+    """``task 'name' (its file)``: what a one-line error about a task starts with."""
+    path = task.source.get("path")
+    return f"task {task.name!r}" + (f" ({path})" if path else "")
+
+
+def task_norm(model: HNetModel, task: TaskData) -> tuple[Any, Any] | None:
+    """``task``'s own input statistics in the model's mode (None: no per-task normalization)."""
+    tc = model.target_config
+    if tc.input_norm == "none":
+        return None
+    try:
+        return fit_norm(task.x_train, tc.input_norm, tuple(tc.input_shape))
+    except InputError as exc:
+        raise InputError(f"{_named(task)}: {exc}") from None
 
 
 class HNetMethod(ContinualMethod):
@@ -196,9 +213,7 @@ class HNetMethod(ContinualMethod):
             )
         old = list(range(len(model.registry)))
         head = check_room(model, task)
-        tc = model.target_config
-        norm = (fit_norm(task.x_train, tc.input_norm, tuple(tc.input_shape))
-                if tc.input_norm != "none" else None)
+        norm = task_norm(model, task)
         self.generator.manual_seed(task_seed(cfg.seed, 1_000 + len(old)))
         info = model.add_task(task.name, num_classes=task.num_classes,
                               label_names=task.label_names, head=head, generator=self.generator,
