@@ -31,7 +31,7 @@ from hnet_serve.storage import stored_params
 from hnet_serve.training.config import DEFAULT_REG_TASKS, build_config
 from hnet_serve.training.data import TaskData
 from hnet_serve.training.loop import batches
-from hnet_serve.training.methods.hnet import HNetMethod, build_model
+from hnet_serve.training.methods.hnet import HNetMethod, build_model, task_norm
 
 PREVIOUS = {"hidden": [50, 50], "chunk_size": 30_000, "task_emb_dim": 32, "chunk_emb_dim": 32}
 
@@ -49,7 +49,7 @@ def stepper(n_old: int, **overrides: Any) -> tuple[Callable[[], None], HNetMetho
     new = task("new", 0)
     model = build_model(config, [new])
     for i in range(n_old):  # old tasks: only their embeddings matter for the step cost
-        model.add_task(f"old-{i}", num_classes=10)
+        model.add_task(f"old-{i}", num_classes=10, input_norm=task_norm(model, new))
     method = HNetMethod(model, config)
     method.begin_task(n_old, new)
     data = batches(new.x_train, new.y_train, config.batch_size, 10**9, 0)

@@ -32,7 +32,7 @@ from hnet_serve.model import HNetModel
 from hnet_serve.training.config import build_config
 from hnet_serve.training.data import TaskData
 from hnet_serve.training.loop import batches
-from hnet_serve.training.methods.hnet import HNetMethod, build_model
+from hnet_serve.training.methods.hnet import HNetMethod, build_model, task_norm
 from hnet_serve.training.regularizer import make_snapshot, output_regularizer
 
 INPUT = 1024  # 28x28 padded to 32x32, as in the paper
@@ -58,7 +58,7 @@ def ours(n_old: int, *, lookahead: bool = False, reg_method: str = "auto", devic
     task = synthetic_task("new", 0)
     model: HNetModel = build_model(config, [task])
     for i in range(n_old):  # old tasks: only their embeddings matter for the step cost
-        model.add_task(f"old-{i}", num_classes=10)
+        model.add_task(f"old-{i}", num_classes=10, input_norm=task_norm(model, task))
     method = HNetMethod(model, config)
     method.begin_task(n_old, task)
     data = batches(task.x_train, task.y_train, config.batch_size, 10**9, 0)

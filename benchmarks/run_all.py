@@ -28,6 +28,7 @@ SCRIPTS: list[tuple[str, str, list[str]]] = [
     ("scoring", "benchmarks.bench_scoring", []),
     ("startup", "benchmarks.bench_startup", []),
     ("accuracy", "benchmarks.bench_accuracy", []),
+    ("own-data", "benchmarks.bench_own_data", []),
     ("reproduction-split-mnist", "benchmarks.bench_reproduction",
      ["--benchmark", "split-mnist"]),
     ("reproduction-permuted-fmnist", "benchmarks.bench_reproduction",

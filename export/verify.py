@@ -16,6 +16,7 @@ import torch
 
 from hnet_serve.errors import ExportError
 from hnet_serve.model import HNetModel
+from hnet_serve.normalization import MEAN, STD
 from hnet_serve.onnx_graph import INPUT_NAME, OUTPUT_NAME, TASK_INDEX_NAME
 
 TOLERANCE = 1e-4
@@ -51,13 +52,22 @@ def session(data: bytes | str, threads: int = 1):
     return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def random_inputs(input_shape: tuple[int, ...], seed: int = 0) -> list[np.ndarray]:
-    """Pixel-like ``[0, 1)`` and wider ``N(0, 1)`` batches of the odd sizes in RANDOM_BATCHES."""
+def random_inputs(input_shape: tuple[int, ...], seed: int = 0,
+                  scale: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[np.ndarray]:
+    """Pixel-like ``[0, 1)`` and wider ``N(0, 1)`` batches of the odd sizes in RANDOM_BATCHES.
+
+    ``scale``: the task's own ``(input_mean, input_std)`` (per-task normalization): the batches
+    are then drawn on the task's raw scale (``mean + std * z``). Plain ``N(0, 1)`` rows would
+    be hundreds of stds away for a column on a 1e-2 scale, and their huge logits would measure
+    float32 rounding, not the export."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for batch in RANDOM_BATCHES:
-        out.append(torch.rand(batch, *input_shape, generator=g).numpy())
-        out.append(torch.randn(batch, *input_shape, generator=g).numpy())
+        for z in (torch.rand(batch, *input_shape, generator=g),
+                  torch.randn(batch, *input_shape, generator=g)):
+            if scale is not None:
+                z = scale[0] + scale[1] * z
+            out.append(z.numpy())
     return out
 
 
@@ -118,8 +128,15 @@ def verify_task(data: bytes, proto: onnx.ModelProto, model: HNetModel, task: str
     def run_torch(x: torch.Tensor) -> torch.Tensor:
         return model.logits(task, x, weights=weights)
 
-    inputs = random_inputs(model.target_config.input_shape, seed=model.registry.index_of(task))
+    inputs = random_inputs(model.target_config.input_shape, seed=model.registry.index_of(task),
+                           scale=task_scale(model, task))
     return compare(run_onnx, run_torch, inputs, real, f"task {task!r}", tolerance)
+
+
+def task_scale(model: HNetModel, task: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The task's own input statistics, when the model normalizes per task."""
+    bufs = model.task_buffers.get(task) or {}
+    return (bufs[MEAN], bufs[STD]) if MEAN in bufs else None
 
 
 def verify_dynamic(data: bytes, proto: onnx.ModelProto, model: HNetModel,
@@ -139,7 +156,8 @@ def verify_dynamic(data: bytes, proto: onnx.ModelProto, model: HNetModel,
         def run_torch(x: torch.Tensor, name: str = info.name, i: int = info.index) -> torch.Tensor:
             return model.logits(name, x, weights=weights[i])
 
-        inputs = random_inputs(model.target_config.input_shape, seed=info.index)
+        inputs = random_inputs(model.target_config.input_shape, seed=info.index,
+                               scale=task_scale(model, info.name))
         p = compare(run_onnx, run_torch, inputs, (real or {}).get(info.name),
                     f"dynamic graph, task {info.name!r}", tolerance)
         worst, rows, real_rows = max(worst, p.max_abs_diff), rows + p.rows, real_rows + p.real_rows

@@ -44,8 +44,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"checkpoint: {args.checkpoint}")
     t, h = info["target"], info["hypernet"]
-    print(f"target:     {t['kind']} input {t['input_shape']} -> {t['num_classes']} classes, "
-          f"{info['target_params']:,} parameters")
+    print(f"target:     {t['kind']} input {t['input_shape']} -> {t['num_classes']} classes "
+          f"(reserved), {info['target_params']:,} parameters, input normalization "
+          f"{t.get('input_norm', 'none')} per task")
     print(f"hypernet:   {h['kind']} hidden {h['hidden']}, {info['hypernet_params']:,} parameters "
           f"(+ {info['embedding_params']:,} in task embeddings)")
     print(f"compression ratio: {info['compression_ratio']:.4f} (shared hypernetwork / target)")

@@ -298,11 +298,13 @@ def derive_hypernet(
     hidden: Sequence[int] = (50, 50),
     task_emb_dim: int = 24,
     chunk_emb_dim: int = 8,
+    per_task_values: int = 0,
 ) -> HypernetConfig:
     """The flat chunked hypernetwork that stores at most ``ratio`` x one target network for
     ``num_tasks`` tasks, with the largest output layer (chunk) that fits.
 
-    Stored = shared weights + chunk embeddings + ``num_tasks`` task embeddings; with ``h`` the
+    Stored = shared weights + chunk embeddings + ``num_tasks`` task embeddings (and
+    ``per_task_values`` more per task: its input-normalization statistics); with ``h`` the
     hidden widths and ``S`` the chunk size that is ``fixed + S (h_last + 1) + ceil(n / S) ce``.
     The output layer is where a compressive hypernetwork's capacity sits (docs/reproduction.md,
     "Capacity"), so the whole budget left after the small fixed part goes to it. Measured at
@@ -319,7 +321,7 @@ def derive_hypernet(
     budget = math.floor(ratio * target_n_params)
     fixed = (task_emb_dim + 1 + chunk_emb_dim) * widths[0]  # in_task (+bias), in_chunk
     fixed += sum(a * b + b for a, b in itertools.pairwise(widths))
-    fixed += num_tasks * task_emb_dim
+    fixed += num_tasks * (task_emb_dim + per_task_values)
     d = widths[-1] + 1  # output layer weights + bias per row
 
     def stored(size: int) -> int:

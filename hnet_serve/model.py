@@ -14,6 +14,7 @@ import torch
 
 from hnet_serve.errors import InputError
 from hnet_serve.hypernet import HypernetConfig, HyperNetwork
+from hnet_serve.normalization import MEAN, STD
 from hnet_serve.registry import TaskInfo, TaskRegistry
 from hnet_serve.targets import MLPConfig, ResNetConfig, TargetNet, build_target
 
@@ -53,9 +54,14 @@ class HNetModel:
         label_names: list[str] | None = None,
         embedding: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        input_norm: tuple[Any, Any] | None = None,
         **fields: Any,
     ) -> TaskInfo:
-        """Register a task and give it a fresh embedding row and fresh buffers."""
+        """Register a task and give it a fresh embedding row and fresh buffers.
+
+        ``input_norm``: the task's ``(mean, std)`` (``normalization.fit_norm``), required when
+        the target normalizes per task (``target_config.input_norm`` is not ``none``)."""
+        norm = self._norm_buffers(name, input_norm)
         num_classes = num_classes or self.target_config.num_classes
         if num_classes > self.target_config.num_classes:
             raise InputError(
@@ -81,8 +87,22 @@ class HNetModel:
             raise
         if row != info.index:  # pragma: no cover - internal invariant
             raise RuntimeError("registry and embedding table are out of step")
-        self.task_buffers[name] = self.target.default_buffers()
+        self.task_buffers[name] = {**self.target.default_buffers(), **norm}
         return info
+
+    def _norm_buffers(self, name: str, input_norm: tuple[Any, Any] | None
+                      ) -> dict[str, torch.Tensor]:
+        shape = self.target.buffer_shapes.get(MEAN)
+        if shape is None:
+            if input_norm is not None:
+                raise InputError("this model has no per-task input normalization")
+            return {}
+        if input_norm is None:
+            raise InputError(f"task {name!r} needs its input normalization (mean, std)")
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).reshape(shape) for v in input_norm)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise InputError(f"task {name!r}: input normalization must be finite with std > 0")
+        return {MEAN: mean, STD: std}
 
     @property
     def task_names(self) -> list[str]:

@@ -40,6 +40,7 @@ from torch.func import functional_call
 from hnet_serve import __version__
 from hnet_serve.errors import ExportError, InputError
 from hnet_serve.graph_cache import cached_graph, write_graph_entry
+from hnet_serve.normalization import STD
 from hnet_serve.onnx_mlp import mlp_template
 from hnet_serve.targets import MLPTarget, TargetNet, build_target
 
@@ -365,7 +366,8 @@ class TaskGraph:
         fresh = [torch.randn(t.shape, generator=g) * 0.5 for t in example]
         cols = np.arange(twin.config.num_classes - 1, -1, -1, dtype=np.int64)  # reversed
         tensors = dict(zip([*twin.param_shapes, *twin.buffer_shapes], fresh))
-        tensors = {k: (v.abs() + 0.5 if k.endswith("running_var") else v) for k, v in tensors.items()}
+        tensors = {k: (v.abs() + 0.5 if k.endswith(("running_var", STD)) else v)
+                   for k, v in tensors.items()}
         proto = self._bake({k: v.numpy() for k, v in tensors.items()}, cols, len(cols))
         sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         (got,) = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hnet_serve.normalization import MEAN, STD
 from hnet_serve.targets import MLPConfig
 
 # The opset the torch exporter writes for these graphs today; explicit opsets go through it.
@@ -53,13 +54,21 @@ def mlp_template(
 ) -> onnx.ModelProto:
     """``input (B, *input_shape) -> logits (B, len(columns))`` with the weights left as names.
 
-    ``param_names`` are the target's ``param_shapes`` keys (weight, then bias, per layer);
+    ``param_names`` are the target's ``param_shapes`` keys (weight, then bias, per layer),
+    optionally followed by its ``input_mean``/``input_std`` buffer names (per-task statistics);
     ``columns_name`` is the int64 vector of the task's output columns (its head). The graph has
     no initializer for these names: the caller bakes each task's tensors in.
     """
     nodes: list[onnx.NodeProto] = []
     consts: list[TensorProto] = []
     x = input_name
+    if config.input_norm != "none":
+        # The task's own statistics (targets.TargetNet.normalize applies them first): per-task
+        # tensors baked like the weights, shaped to broadcast against (B, *input_shape).
+        nodes += [helper.make_node("Sub", [x, MEAN], ["hnet_serve.task_centred"]),
+                  helper.make_node("Div", ["hnet_serve.task_centred", STD],
+                                   ["hnet_serve.task_normalized"])]
+        x = "hnet_serve.task_normalized"
     if len(config.input_shape) > 1:
         nodes.append(helper.make_node("Flatten", [x], ["hnet_serve.flat"], axis=1))
         x = "hnet_serve.flat"
@@ -76,6 +85,7 @@ def mlp_template(
                   helper.make_node("Div", ["hnet_serve.centred", "hnet_serve.input_std"],
                                    ["hnet_serve.normalized"])]
         x = "hnet_serve.normalized"
+    param_names = [n for n in param_names if n not in (MEAN, STD)]
     per_layer = 2 if config.use_bias else 1
     n_layers = len(param_names) // per_layer
     for i in range(n_layers):

@@ -2,7 +2,8 @@
 
 The count is taken from the very tensors :func:`~hnet_serve.checkpoint.save_checkpoint` writes
 (shared hypernetwork weights and chunk embeddings, the task-embedding table, per-task buffers
-such as batch-norm statistics) plus the input-normalization values the manifest holds, so
+such as batch-norm statistics, each task's input-normalization statistics) plus the
+config-level normalization values older manifests hold, so
 nothing a checkpoint stores can be left out. ``stored_ratio`` compares it with one target
 network: below 1.0 the checkpoint is *compressive* (smaller than a single task's network), and
 ``T`` separate networks would store ``T`` times one.
@@ -15,6 +16,7 @@ from typing import Any
 
 from hnet_serve.checkpoint import BUFFER_PREFIX, EMBEDDINGS_KEY, HNET_PREFIX, state_tensors
 from hnet_serve.model import HNetModel
+from hnet_serve.normalization import MEAN, STD
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class StoredParams:
     shared: int  # hypernetwork weights, chunk embeddings included
     task_embeddings: int  # every task's embedding
     task_buffers: int  # per-task state that is not generated (batch-norm statistics)
-    normalization: int  # input mean/std values of the target config
+    normalization: int  # input mean/std: the target config's values + every task's own
     target: int  # parameters of ONE target network (what one task's model has)
     tasks: int
 
@@ -50,20 +52,22 @@ class StoredParams:
 
 def stored_params(model: HNetModel) -> StoredParams:
     """Count everything ``model``'s checkpoint stores (see the module docstring)."""
-    kinds = {"shared": 0, "task_embeddings": 0, "task_buffers": 0}
+    cfg = model.target_config
+    kinds = {"shared": 0, "task_embeddings": 0, "task_buffers": 0,
+             "normalization": len(cfg.input_mean) + len(cfg.input_std)}
     for key, tensor in state_tensors(model).items():
         if key == EMBEDDINGS_KEY:
             kinds["task_embeddings"] += tensor.numel()
+        elif key.startswith(BUFFER_PREFIX) and key.rsplit("/", 1)[-1] in (MEAN, STD):
+            kinds["normalization"] += tensor.numel()  # a task's own input statistics
         elif key.startswith(BUFFER_PREFIX):
             kinds["task_buffers"] += tensor.numel()
         elif key.startswith(HNET_PREFIX):
             kinds["shared"] += tensor.numel()
         else:  # pragma: no cover - state_tensors writes only these three kinds
             raise AssertionError(f"uncounted checkpoint tensor {key!r}")
-    cfg = model.target_config
     return StoredParams(
         **kinds,
-        normalization=len(cfg.input_mean) + len(cfg.input_std),
         target=model.target.n_params,
         tasks=len(model.registry),
     )

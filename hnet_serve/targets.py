@@ -6,8 +6,9 @@ hypernetwork must produce (the contract between the two, checked when wiring), a
 stored per task as in the paper). A flat weight vector of length ``n_params`` is split into views
 in ``param_shapes`` order and applied with ``torch.func.functional_call(..., strict=True)``.
 
-Input normalization (``input_mean``/``input_std``) is part of the model: it is applied in
-``forward`` so that exported ONNX graphs, the service and batch scoring all take the same input.
+Input normalization is part of the model (``forward``), so ONNX graphs, the service and scoring
+take raw inputs: per-task ``input_mean``/``input_std`` buffers (:mod:`hnet_serve.normalization`),
+and older checkpoints' config-level values (one set for every task) as constants.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hnet_serve.errors import InputError
+from hnet_serve.normalization import MEAN, STD, NormMode, norm_shape
 
 Activation = Literal["relu", "tanh", "gelu", "elu", "leaky_relu", "sigmoid"]
 
@@ -56,6 +58,7 @@ class _TargetConfigBase(BaseModel):
     num_heads: int = Field(default=1, gt=0, le=10_000)
     input_mean: list[float] = Field(default_factory=lambda: [0.0])
     input_std: list[float] = Field(default_factory=lambda: [1.0])
+    input_norm: NormMode = "none"  # per-task statistics: the input_mean/input_std buffers
 
     @field_validator("input_shape")
     @classmethod
@@ -184,6 +187,11 @@ class TargetNet(nn.Module):
         self._normalize = not (
             all(m == 0.0 for m in config.input_mean) and all(s == 1.0 for s in config.input_std)
         )
+        # Per-task statistics are buffers: each task's own tensors come in like batch-norm's.
+        shape = norm_shape(config.input_norm, tuple(config.input_shape))
+        if shape is not None:
+            self.register_buffer(MEAN, torch.zeros(shape))
+            self.register_buffer(STD, torch.ones(shape))
 
     def _finish_init(self) -> None:
         self.param_shapes: OrderedDict[str, tuple[int, ...]] = OrderedDict(
@@ -209,7 +217,8 @@ class TargetNet(nn.Module):
         """Fresh per-task state (batch-norm statistics: mean 0, variance 1)."""
         out = {}
         for name, buf in self.named_buffers():
-            fresh = torch.ones_like(buf) if name.endswith("running_var") else torch.zeros_like(buf)
+            ones = name.endswith("running_var") or name == STD
+            fresh = torch.ones_like(buf) if ones else torch.zeros_like(buf)
             out[name] = fresh
         return out
 
@@ -228,10 +237,17 @@ class TargetNet(nn.Module):
             state.update(buffers)
         return functional_call(self, state, (x,), {"head": head}, strict=True)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._normalize:
-            return x
-        return (x - self._mean) / self._std
+    def normalize(self, x: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        """``x`` ``(B, *input_shape)`` normalized: the task's ``input_mean``/``input_std`` (the
+        module's buffers, swapped in by ``functional_call``, unless ``buffers`` hands them in),
+        then the config's constants (older checkpoints; new ones leave them 0 and 1)."""
+        if self.config.input_norm != "none":
+            src = buffers if buffers is not None else {MEAN: self.input_mean, STD: self.input_std}
+            x = (x - src[MEAN]) / src[STD]
+        if self._normalize:
+            x = (x - self._mean) / self._std
+        return x
 
     def select_head(self, logits: torch.Tensor, head: int | torch.Tensor) -> torch.Tensor:
         c = self.config.num_classes
@@ -271,6 +287,13 @@ class MLPTarget(TargetNet):
                 h = self._act(h)
         return self.select_head(h, head)
 
+    def _norm_of(self, buffers: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        if self.config.input_norm == "none":
+            return None
+        if buffers is None or MEAN not in buffers:
+            raise InputError("this target normalizes per task: pass the task's buffers")
+        return {MEAN: buffers[MEAN], STD: buffers[STD]}
+
     def to_serving_layout(self, flat: torch.Tensor) -> torch.Tensor:
         """The same weights with every layer's matrix stored transposed, ``(in, out)`` row-major.
 
@@ -290,17 +313,19 @@ class MLPTarget(TargetNet):
         return torch.cat(parts, dim=-1)
 
     def forward_one(
-        self, flat: torch.Tensor, x: torch.Tensor, head: int = 0, *, transposed: bool = False
+        self, flat: torch.Tensor, x: torch.Tensor, head: int = 0, *, transposed: bool = False,
+        buffers: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One task with generated weights ``flat`` ``(n_params,)`` on ``x`` ``(B, ...)``.
 
         The serving path for a single task's rows: 2-D ``addmm`` on views of ``flat``, with
         the least per-call overhead (it runs once per task of every mixed batch).
-        ``transposed``: ``flat`` is in :meth:`to_serving_layout`'s layout.
+        ``transposed``: ``flat`` is in :meth:`to_serving_layout`'s layout; ``buffers``: the
+        task's normalization statistics (needed when ``config.input_norm`` is not none).
         """
         n = x.shape[0]
-        # normalized in float32, then in the weights' dtype (bfloat16 serving cache)
-        h = self.normalize(x.reshape(n, *self.config.input_shape)).reshape(n, -1).to(flat.dtype)
+        h = self.normalize(x.reshape(n, *self.config.input_shape), self._norm_of(buffers))
+        h = h.reshape(n, -1).to(flat.dtype)  # normalized in float32, then in the weights' dtype
         last = len(self._spans) - 1
         for i, (at, out_f, in_f, bias_at) in enumerate(self._spans):
             w = flat[at : at + out_f * in_f]
@@ -311,16 +336,21 @@ class MLPTarget(TargetNet):
         return self.select_head(h, head)
 
     def forward_stacked(
-        self, flat: torch.Tensor, x: torch.Tensor, head: int = 0, *, transposed: bool = False
+        self, flat: torch.Tensor, x: torch.Tensor, head: int = 0, *, transposed: bool = False,
+        buffers: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """K tasks at once: ``flat`` ``(K, n_params)``, ``x`` ``(K, B, input_size)`` -> ``(K, B, C)``.
 
         One batched matmul per layer (``baddbmm``) instead of K small ones: the mixed-task
         serving path (S-LoRA/Punica style, with generated weights instead of adapters).
-        ``transposed``: ``flat`` is in :meth:`to_serving_layout`'s layout.
+        ``transposed``: ``flat`` is in :meth:`to_serving_layout`'s layout; ``buffers``: the
+        tasks' normalization statistics stacked, ``(K, *norm_shape)`` each.
         """
         k, b = x.shape[0], x.shape[1]
-        h = self.normalize(x.reshape(k * b, *self.config.input_shape)).reshape(k, b, -1)
+        norm = self._norm_of(buffers)
+        if norm is not None:  # (K, *shape) -> (K, 1, *shape): each task's rows get its values
+            norm = {n: t.unsqueeze(1) for n, t in norm.items()}
+        h = self.normalize(x.reshape(k, b, *self.config.input_shape), norm).reshape(k, b, -1)
         h = h.to(flat.dtype)  # normalized in float32, then in the weights' dtype
         last = len(self._spans) - 1
         for i, (at, out_f, in_f, bias_at) in enumerate(self._spans):

@@ -100,3 +100,33 @@ def save_service_checkpoint(path):
     model.add_task("binary", num_classes=2, label_names=["no", "yes"])
     save_checkpoint(model, path)
     return path
+
+
+def normed_mlp_model(mode: str = "per-feature", n_tasks: int = 3, *,
+                     input_shape: tuple[int, ...] = (6,), seed: int = 0) -> HNetModel:
+    """A tiny MLP that normalizes each task's inputs with its own (fitted) statistics; task
+    ``i``'s features live on scales 10**(j - 2) (1e-2 .. 1e3), shifted per task."""
+
+    from hnet_serve.normalization import fit_norm
+
+    model = HNetModel(
+        MLPConfig(input_shape=input_shape, hidden=[9], num_classes=4, input_norm=mode),
+        HypernetConfig(kind="chunked", hidden=[10], task_emb_dim=4, chunk_emb_dim=3,
+                       chunk_size=40),
+        seed=seed,
+    )
+    for i in range(n_tasks):
+        model.add_task(f"norm-{i}", input_norm=fit_norm(
+            scaled_inputs(64, input_shape, seed=seed + i, shift=i), mode, input_shape))
+    return model
+
+
+def scaled_inputs(n: int, input_shape: tuple[int, ...], *, seed: int = 0, shift: float = 0.0):
+    """``(n, *input_shape)`` float32 rows whose features sit on scales 1e-2 .. 1e3."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(input_shape))
+    scales = 10.0 ** np.linspace(-2, 3, size)
+    x = (rng.normal(size=(n, size)) + 3 + shift) * scales
+    return x.reshape(n, *input_shape).astype(np.float32)

@@ -60,7 +60,7 @@ def test_regularized_old_tasks_are_capped_by_default():
     """The step's regularizer covers a random DEFAULT_REG_TASKS old tasks (flat cost in the
     number of tasks); "all" (and None, what older checkpoints saved) covers every one."""
     from hnet_serve.training.config import DEFAULT_REG_TASKS, validate_config
-    from hnet_serve.training.methods.hnet import HNetMethod
+    from hnet_serve.training.methods.hnet import HNetMethod, task_norm
     from hnet_serve.training.methods.registry import make_method
     from tests.test_training import make_task, tiny_config
 
@@ -74,7 +74,8 @@ def test_regularized_old_tasks_are_capped_by_default():
             cfg = validate_config({**cfg.model_dump(mode="json"), "reg_tasks": None})
         method = HNetMethod(make_method(cfg, many[:1]).model, cfg)
         for t in many[1:-1]:
-            method.model.add_task(t.name, num_classes=t.num_classes)
+            method.model.add_task(t.name, num_classes=t.num_classes,
+                                  input_norm=task_norm(method.model, t))
         method.begin_task(len(many) - 1, many[-1])
         subset = method._subset()
         picked = len(many) - 1 if subset is None else len(set(subset.tolist()))

@@ -286,3 +286,27 @@ def test_serve_with_a_missing_gpu_stores_nothing(no_cuda, monkeypatch):
                               cache_dtype=None)
     with pytest.raises(ConfigError, match="no CUDA device"):
         cli.start_server("unused-checkpoint", port=0, args=args)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 0.05)])
+def test_packed_and_bfloat16_caches_apply_each_tasks_own_normalization(dtype, tol, monkeypatch):
+    """Per-task input statistics (issue 16) reach the pre-packed layers too, and stay float32
+    in a bfloat16 cache (features near 1e3 would otherwise be off by several stds)."""
+    from hnet_serve.normalization import MEAN, STD
+    from hnet_serve.serving import backends
+    from hnet_serve.serving.packed import packing_works
+    from tests.conftest import normed_mlp_model, scaled_inputs
+
+    if not packing_works(resolve_dtype(dtype)):
+        pytest.skip(f"this torch/CPU has no oneDNN {dtype} linear")
+    model = normed_mlp_model("per-feature")
+    monkeypatch.setattr(backends, "STACK_MAX_PARAMS", 0)  # pack even this tiny MLP
+    packed = Runtime(model, ServingConfig(cache_dtype=dtype, backend="torch"))
+    reference = Runtime(model, ServingConfig(backend="onnx"))  # normalizes inside the graph
+    assert packed.backend.packed
+    for i, name in enumerate(model.task_names):
+        x = scaled_inputs(50, (6,), seed=10 + i, shift=i)
+        a, b = packed.predict(name, x), reference.predict(name, x)
+        assert np.abs(a.probabilities - b.probabilities).max() < tol
+        bufs = packed.cache.get(name).buffers
+        assert bufs[MEAN].dtype == bufs[STD].dtype == torch.float32

@@ -35,7 +35,7 @@ from hnet_serve.onnx_graph import (
     opset_of,
 )
 from hnet_serve.targets import MLPConfig
-from tests.conftest import tiny_mlp_model, tiny_resnet_model
+from tests.conftest import normed_mlp_model, tiny_mlp_model, tiny_resnet_model
 
 TOL = 1e-4
 
@@ -55,6 +55,9 @@ def multihead_model() -> HNetModel:
 
 MODELS = {
     "mlp": lambda: tiny_mlp_model(4),
+    "mlp-per-feature": lambda: normed_mlp_model("per-feature"),
+    "mlp-image-per-channel": lambda: normed_mlp_model("per-channel", input_shape=(2, 3)),
+    "mlp-global": lambda: normed_mlp_model("global", input_shape=(2, 3)),
     "resnet": lambda: tiny_resnet_model(3),
     "multihead": multihead_model,
 }
@@ -184,13 +187,18 @@ def test_an_opset_the_exporter_cannot_produce_is_refused():
          "input_std": [0.7]},
     {"input_shape": (9,), "hidden": [4, 4], "num_classes": 2, "activation": "leaky_relu"},
     {"input_shape": (9,), "hidden": [4], "num_classes": 2, "activation": "sigmoid"},
+    {"input_shape": (2, 3, 4), "hidden": [5], "num_classes": 3, "input_norm": "per-channel",
+         "input_mean": [0.1, 0.2], "input_std": [0.5, 2.0]},
+    {"input_shape": (9,), "hidden": [4], "num_classes": 2, "input_norm": "per-feature"},
 ], ids=["relu", "gelu-no-bias", "image-multihead-normalized", "linear-elu-norm", "leaky",
-        "sigmoid"])
+        "sigmoid", "per-task-per-channel-and-config", "per-task-per-feature"])
 def test_mlp_graph_written_directly_equals_the_traced_graph(cfg, monkeypatch):
     """The default build writes the MLP graph without tracing; it computes what the traced graph
     (an explicit opset goes through the exporter) and PyTorch compute."""
     model = HNetModel(MLPConfig(**cfg), HypernetConfig(hidden=[6], chunk_size=40), seed=3)
-    model.add_task("t0")
+    shape = model.target.buffer_shapes.get("input_mean")
+    norm = None if shape is None else (torch.randn(shape), torch.rand(shape) + 0.2)
+    model.add_task("t0", input_norm=norm)
     if cfg.get("num_heads", 1) > 1:
         model.add_task("t2", head=2, num_classes=2)
     traced = TaskGraph.build(model, opset=20)

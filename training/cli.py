@@ -13,6 +13,7 @@ from typing import Any
 
 from hnet_serve.devices import DEVICE_HELP, device_arg
 from hnet_serve.errors import ConfigError
+from hnet_serve.normalization import NORM_MODES
 from hnet_serve.training import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_DRIFT, OUTLIER_KINDS
 
 BENCHMARK_CHOICES = ["permuted-mnist", "split-mnist", "split-cifar", "custom"]
@@ -185,7 +186,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, data_files=files or None, data_names=names or None,
         pad=args.pad, first_identity=args.first_identity, multi_head=args.multi_head,
         method=args.method, target=target, hypernet=hnet, compression=args.compression,
-        planned_tasks=args.planned_tasks, **_training_overrides(args),
+        planned_tasks=args.planned_tasks, normalize=args.normalize,
+        max_classes=args.max_classes, **_training_overrides(args),
     )
     if config.benchmark == "custom" and args.tasks is not None:
         raise ConfigError("--tasks does not apply to --benchmark custom: it trains one task per "
@@ -345,6 +347,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _bool_flag(p, "pad", "pad 28x28 images to 32x32 (permuted-mnist, as in the paper)")
     _bool_flag(p, "first-identity", "first permuted task is the unpermuted data")
     _bool_flag(p, "multi-head", "one output head per task")
+    p.add_argument("--normalize", choices=NORM_MODES, default=None,
+                   help="per-task input normalization from each task's own training inputs "
+                        "(default auto: per-channel for images, per-feature for flat inputs); "
+                        "add-task uses the checkpoint's")
+    p.add_argument("--max-classes", type=int, metavar="N",
+                   help="output width reserved for later tasks (default: max(10, the largest "
+                        "task's classes)); add-task refuses a task with more")
     p.add_argument("--method", help="continual-learning method (default hnet)")
     _add_strength_flags(p)
     g = p.add_argument_group("architecture")

@@ -65,6 +65,12 @@ class TrainConfig(BaseModel):
     outlier_weight: float = Field(default=0.0, ge=0, le=100)
     outlier_kinds: list[OutlierKind] = Field(
         default_factory=lambda: list(DEFAULT_OUTLIER_KINDS), min_length=1)
+    # Per-task input normalization from each task's own training inputs (hnet_serve.
+    # normalization); auto: per-channel for images, per-feature for flat (tabular) inputs.
+    normalize: Literal["auto", "per-feature", "per-channel", "global", "none"] = "auto"
+    # Output width a new checkpoint reserves for later tasks: max(10, largest initial task's
+    # classes) unless given; add-task past it is refused (naming --max-classes).
+    max_classes: int | None = Field(default=None, gt=0, le=100_000)
     multi_head: bool = False  # one output head per task (task-incremental, shared layout)
     num_heads: int | None = Field(default=None, gt=0, le=10_000)  # default: number of tasks
     seed: int = Field(default=0, ge=0, le=2**31 - 1)

@@ -41,6 +41,7 @@ import torch
 from hnet_serve.devices import to_device
 from hnet_serve.errors import ConfigError
 from hnet_serve.model import HNetModel
+from hnet_serve.normalization import MEAN, STD
 from hnet_serve.registry import TaskInfo
 from hnet_serve.serving.packed import PackedLayer, can_pack, pack, run_packed
 from hnet_serve.serving.packed import nbytes as packed_nbytes
@@ -66,6 +67,10 @@ class Group:
     x: np.ndarray  # (B, *input_shape) float32
 
 
+def _bytes_of(buffers: dict[str, torch.Tensor] | None) -> int:
+    return sum(b.numel() * b.element_size() for b in (buffers or {}).values())
+
+
 @dataclass
 class TorchEntry:
     """What the torch backend caches for a task."""
@@ -77,9 +82,10 @@ class TorchEntry:
 
     def stored(self) -> list[torch.Tensor]:
         """Every tensor this entry holds (what its ``nbytes`` counts)."""
+        bufs = list((self.buffers or {}).values())
         if self.layers is not None:
-            return [t for lay in self.layers for t in (lay.weight, lay.bias) if t is not None]
-        return [self.weights, *(self.buffers or {}).values()]  # type: ignore[list-item]
+            return [t for lay in self.layers for t in (lay.weight, lay.bias) if t is not None] + bufs
+        return [self.weights, *bufs]  # type: ignore[list-item]
 
 
 class Backend(Protocol):
@@ -147,6 +153,13 @@ def _call_lock(target: torch.nn.Module) -> threading.Lock:
         return lock
 
 
+def _buffers_of(model: HNetModel, buffers: Sequence[dict[str, torch.Tensor] | None] | None,
+                i: int, group: Group) -> dict[str, torch.Tensor] | None:
+    """Group ``i``'s per-task buffers (batch-norm and input-normalization statistics)."""
+    bufs = buffers[i] if buffers is not None else None
+    return bufs if bufs is not None else (model.task_buffers.get(group.info.name) or None)
+
+
 @torch.inference_mode()
 def run_generated(
     model: HNetModel,
@@ -175,9 +188,12 @@ def run_generated(
                 g = groups[i]
                 xs[k, : g.x.shape[0]] = torch.from_numpy(g.x.reshape(g.x.shape[0], -1))
             w = torch.stack([weights[i] for i in bucket])  # (K, n_params)
+            norms = [_buffers_of(model, buffers, i, groups[i]) for i in bucket]
+            stacked = ({n: torch.stack([b[n] for b in norms]) for n in norms[0]}  # (K, ...)
+                       if norms[0] else None)
             y = target.forward_stacked(w, to_device(xs, w.device),
                                        head=groups[bucket[0]].info.head,
-                                       transposed=transposed)  # (K, B, C)
+                                       transposed=transposed, buffers=stacked)  # (K, B, C)
             y = y.float().cpu()
             for k, i in enumerate(bucket):
                 g = groups[i]
@@ -186,13 +202,14 @@ def run_generated(
         if out[i] is not None:
             continue
         x = to_device(torch.from_numpy(g.x), weights[i].device)
+        bufs = _buffers_of(model, buffers, i, g)
         if isinstance(target, MLPTarget):
             # plain matmuls on views of the flat weights, no functional_call
-            y = target.forward_one(weights[i], x, head=g.info.head, transposed=transposed)
+            y = target.forward_one(weights[i], x, head=g.info.head, transposed=transposed,
+                                   buffers=bufs)
         else:
             if transposed:
                 raise ConfigError("only MLP targets have a transposed serving layout")
-            bufs = buffers[i] if buffers is not None else model.task_buffers.get(g.info.name)
             with _call_lock(target):
                 y = target.apply_weights(weights[i], x, bufs, head=g.info.head)  # (B, C)
         out[i] = y[:, : g.info.num_classes].float().cpu().numpy()
@@ -221,7 +238,9 @@ class TorchBackend:
             with torch.inference_mode():
                 flat = self.model.generate(names)  # (K, n_params)
             packs = [pack(target, row, self.dtype) for row in flat]  # type: ignore[arg-type]
-            return [TorchEntry(None, None, packed_nbytes(p), p) for p in packs]
+            norms = [self._buffers(name) for name in names]
+            return [TorchEntry(None, b, packed_nbytes(p) + _bytes_of(b), p)
+                    for p, b in zip(packs, norms)]
         if mlp:
             with torch.inference_mode():
                 flat = self.model.generate(names)  # (K, n_params)
@@ -232,14 +251,18 @@ class TorchBackend:
         entries = []
         for name, w in zip(names, rows):
             w = w.to(self.dtype)  # its own storage either way (a new tensor or the clone)
-            bufs = self.model.task_buffers.get(name) or None
-            if bufs and self.dtype != torch.float32:
-                bufs = {k: b.to(self.dtype) for k, b in bufs.items()}
-            size = w.numel() * w.element_size()
-            if bufs:
-                size += sum(b.numel() * b.element_size() for b in bufs.values())
-            entries.append(TorchEntry(w, bufs, size))
+            bufs = self._buffers(name)
+            entries.append(TorchEntry(w, bufs, w.numel() * w.element_size() + _bytes_of(bufs)))
         return entries
+
+    def _buffers(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The task's buffers in the cache dtype, except its input-normalization statistics:
+        those stay float32 (inputs are normalized in float32; a bfloat16 mean of a column near
+        1e3 would be off by ~4, several of its standard deviations)."""
+        bufs = self.model.task_buffers.get(name) or None
+        if bufs and self.dtype != torch.float32:
+            bufs = {k: b if k in (MEAN, STD) else b.to(self.dtype) for k, b in bufs.items()}
+        return bufs
 
     def nbytes(self, entry: TorchEntry) -> int:
         return entry.nbytes
@@ -247,7 +270,7 @@ class TorchBackend:
     def logits(self, entries: Sequence[TorchEntry], groups: Sequence[Group]) -> list[np.ndarray]:
         if self.packed:
             return [run_packed(self.model.target, e.layers, g.x, g.info.head,  # type: ignore
-                               g.info.num_classes) for e, g in zip(entries, groups)]
+                               g.info.num_classes, e.buffers) for e, g in zip(entries, groups)]
         # build() keeps every MLP's weights in the serving layout
         return run_generated(
             self.model, [e.weights for e in entries], groups, [e.buffers for e in entries],
@@ -357,6 +380,10 @@ def make_backend(name: str, model: HNetModel, *, threads: int | None = None,
 
 
 def nbytes_estimate(model: HNetModel, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes one cached task takes with the torch backend (weights + buffers, in ``dtype``)."""
-    bufs = sum(math.prod(s) for s in model.target.buffer_shapes.values())
-    return torch.empty((), dtype=dtype).element_size() * (model.target.n_params + bufs)
+    """Bytes one cached task takes with the torch backend (weights + buffers in ``dtype``,
+    input-normalization statistics in float32)."""
+    shapes = model.target.buffer_shapes
+    norm = sum(math.prod(s) for k, s in shapes.items() if k in (MEAN, STD))
+    bufs = sum(math.prod(s) for s in shapes.values()) - norm
+    return (torch.empty((), dtype=dtype).element_size() * (model.target.n_params + bufs)
+            + 4 * norm)

@@ -80,12 +80,14 @@ def nbytes(layers: list[PackedLayer]) -> int:
 
 @torch.inference_mode()
 def run_packed(target: MLPTarget, layers: list[PackedLayer], x: np.ndarray, head: int,
-               num_classes: int) -> np.ndarray:
+               num_classes: int, buffers: dict[str, torch.Tensor] | None = None) -> np.ndarray:
     """Logits ``(B, num_classes)`` float32 of one task's rows ``x`` with its packed layers."""
     n = x.shape[0]
     dtype = layers[0].weight.dtype
     cfg = target.config
-    h = target.normalize(torch.from_numpy(x).reshape(n, *cfg.input_shape))
+    # the task's own input statistics (buffers), then the config's constants (older checkpoints)
+    h = target.normalize(torch.from_numpy(x).reshape(n, *cfg.input_shape),
+                         target._norm_of(buffers))
     h = h.reshape(n, -1).to(dtype).contiguous()  # normalized in float32, then cast
     fused = _FUSED.get(cfg.activation)
     act = activation_fn(cfg.activation)

@@ -42,6 +42,7 @@ from hnet_serve.configs import validate
 from hnet_serve.devices import resolve_device, to_device
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.model import HNetModel
+from hnet_serve.normalization import fit_norm
 from hnet_serve.targets import MLPConfig, ResNetConfig, TargetNet, build_target
 from hnet_serve.training.config import TrainConfig
 from hnet_serve.training.data import TaskData
@@ -149,6 +150,10 @@ class NetworkMethod(ContinualMethod):
             raise InputError(f"task {task.name!r} was already learned")
         if self.net is None:
             self.net = self.new_network(index)
+            if cfg.input_norm != "none":  # a network of its own: this task's statistics
+                mean, std = fit_norm(task.x_train, cfg.input_norm, tuple(cfg.input_shape))
+                self.net.input_mean.copy_(torch.from_numpy(mean))
+                self.net.input_std.copy_(torch.from_numpy(std))
         head = 0
         if cfg.num_heads > 1:
             head = len(self.heads)
@@ -345,7 +350,12 @@ def make_baseline(
     opts = BaselineOptions.build(options) if options is not None else (
         BaselineOptions.from_config(config)
     )
-    return _CLASSES[method](target_config_for(config, tasks), config, opts)
+    # A network per task standardizes with its task's statistics (as the hypernetwork does);
+    # one network for several tasks takes the first task's, as constants of the config.
+    cls = _CLASSES[method]
+    target = target_config_for(config, tasks, checkpoint=False,
+                               per_task_norm=cls.one_task_per_network)
+    return cls(target, config, opts)
 
 
 def baseline_factory(method: str) -> Callable[[TrainConfig, list[TaskData], HNetModel | None],

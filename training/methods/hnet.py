@@ -4,6 +4,7 @@ regularizer on every old task (:class:`HNetMethod`), and the model it trains (:f
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -15,6 +16,7 @@ from hnet_serve.devices import resolve_device
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.hypernet import HypernetConfig, derive_hypernet
 from hnet_serve.model import HNetModel
+from hnet_serve.normalization import MEAN, fit_norm, resolve_mode
 from hnet_serve.targets import MLPConfig, ResNetConfig, build_target
 from hnet_serve.training.config import TrainConfig
 from hnet_serve.training.data import TaskData, input_stats
@@ -24,9 +26,18 @@ from hnet_serve.training.outliers import make_outlier_maker, outlier_loss
 from hnet_serve.training.regularizer import Snapshot, make_snapshot, output_regularizer
 
 
-def target_config_for(config: TrainConfig, tasks: list[TaskData]) -> MLPConfig | ResNetConfig:
+def target_config_for(config: TrainConfig, tasks: list[TaskData], *, checkpoint: bool = True,
+                      per_task_norm: bool | None = None) -> MLPConfig | ResNetConfig:
     """The target network for ``tasks``: ``config.target``'s architecture; input shape, classes,
-    heads and the input normalization (from the first task's training data) from the data."""
+    heads from the data.
+
+    ``checkpoint`` (the hypernetwork's servable model): the output width reserves room for
+    tasks added later (``max_classes``, default max(10, the largest task's classes)),
+    multi-head targets reserve heads likewise (``num_heads``, default max(10, the tasks)), and
+    each task's inputs are normalized with its own statistics (``config.normalize``). The
+    baselines (never extended) get exactly the run's classes and heads, and, unless
+    ``per_task_norm`` (one network per task), the first task's statistics as constants of the
+    config (one network answers every task)."""
     if not tasks:
         raise InputError("no tasks to train")
     shape = tasks[0].input_shape
@@ -36,15 +47,30 @@ def target_config_for(config: TrainConfig, tasks: list[TaskData]) -> MLPConfig |
                 f"all tasks need the same input shape: {tasks[0].name!r} has {list(shape)}, "
                 f"{t.name!r} has {list(t.input_shape)}"
             )
-    mean, std = input_stats(tasks[0])
-    heads = (config.num_heads or len(tasks)) if config.multi_head else 1
+    largest = max(t.num_classes for t in tasks)
+    if config.max_classes is not None and config.max_classes < largest:
+        big = next(t for t in tasks if t.num_classes == largest)
+        raise ConfigError(f"--max-classes {config.max_classes} is below task {big.name!r}'s "
+                          f"{largest} classes")
+    reserve = RESERVED_MIN if checkpoint else 0
+    classes = config.max_classes or max(reserve, largest)
+    heads = (config.num_heads or max(reserve, len(tasks))) if config.multi_head else 1
+    if checkpoint if per_task_norm is None else per_task_norm:
+        # the built-in benchmarks are images, flattened or not; custom flat data is tabular
+        image = config.benchmark != "custom"
+        norm = {"input_norm": resolve_mode(config.normalize, shape, image=image)}
+    else:
+        mean, std = input_stats(tasks[0])
+        norm = {"input_mean": mean, "input_std": std}
     try:
-        return config.target.build(
-            input_shape=shape, num_classes=max(t.num_classes for t in tasks), num_heads=heads,
-            input_mean=mean, input_std=std,
-        )
+        return config.target.build(input_shape=shape, num_classes=classes, num_heads=heads,
+                                   **norm)
     except ValidationError as exc:
         raise ConfigError(f"target network does not fit the data: {exc.errors()[0]['msg']}") from None
+
+
+# The least output width (and head count) a new checkpoint reserves for tasks added later.
+RESERVED_MIN = 10
 
 
 def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
@@ -58,11 +84,13 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
             or "chunk_size" in hn.model_fields_set):
         return hn
     with torch.device("meta"):  # only the parameter count: allocate nothing
-        n_params = build_target(target).n_params
+        net = build_target(target)
+    norm = net.buffer_shapes.get(MEAN)  # each task stores its mean and std
     try:
-        derived = derive_hypernet(n_params, config.planned_tasks or num_tasks,
+        derived = derive_hypernet(net.n_params, config.planned_tasks or num_tasks,
                                   config.compression, hidden=hn.hidden,
-                                  task_emb_dim=hn.task_emb_dim, chunk_emb_dim=hn.chunk_emb_dim)
+                                  task_emb_dim=hn.task_emb_dim, chunk_emb_dim=hn.chunk_emb_dim,
+                                  per_task_values=2 * math.prod(norm) if norm else 0)
     except InputError as exc:
         if "compression" in config.model_fields_set:
             raise  # asked for: an error, not a larger checkpoint
@@ -120,6 +148,41 @@ def adam_lookahead(
     return out
 
 
+def check_room(model: HNetModel, task: TaskData) -> int:
+    """The output head ``task`` gets; a one-line error if its classes or a head do not fit."""
+    tc = model.target_config
+    if task.num_classes > tc.num_classes:
+        raise InputError(
+            f"{_named(task)} has {task.num_classes} classes but this checkpoint reserves "
+            f"{tc.num_classes}: train a new checkpoint with --max-classes {task.num_classes} "
+            "(or more)")
+    if tc.num_heads == 1:
+        return 0
+    head = len(model.registry)
+    if head >= tc.num_heads:
+        raise InputError(
+            f"all {tc.num_heads} output heads of this multi-head checkpoint are used: train a "
+            f"new one with a larger num_heads (config file) for {_named(task)}")
+    return head
+
+
+def _named(task: TaskData) -> str:
+    """``task 'name' (its file)``: what a one-line error about a task starts with."""
+    path = task.source.get("path")
+    return f"task {task.name!r}" + (f" ({path})" if path else "")
+
+
+def task_norm(model: HNetModel, task: TaskData) -> tuple[Any, Any] | None:
+    """``task``'s own input statistics in the model's mode (None: no per-task normalization)."""
+    tc = model.target_config
+    if tc.input_norm == "none":
+        return None
+    try:
+        return fit_norm(task.x_train, tc.input_norm, tuple(tc.input_shape))
+    except InputError as exc:
+        raise InputError(f"{_named(task)}: {exc}") from None
+
+
 class HNetMethod(ContinualMethod):
     """The paper's method on an :class:`HNetModel` (which may already hold trained tasks)."""
 
@@ -151,17 +214,12 @@ class HNetMethod(ContinualMethod):
                 f"{list(model.target_config.input_shape)}"
             )
         old = list(range(len(model.registry)))
-        head = 0
-        if model.target_config.num_heads > 1:
-            head = len(old)
-            if head >= model.target_config.num_heads:
-                raise InputError(
-                    f"all {model.target_config.num_heads} output heads are used; a new task "
-                    "needs a model with more heads (num_heads)"
-                )
+        head = check_room(model, task)
+        norm = task_norm(model, task)
         self.generator.manual_seed(task_seed(cfg.seed, 1_000 + len(old)))
         info = model.add_task(task.name, num_classes=task.num_classes,
-                              label_names=task.label_names, head=head, generator=self.generator)
+                              label_names=task.label_names, head=head, generator=self.generator,
+                              input_norm=norm)
         hn = model.hypernet
         self.row, self.head, self.num_classes = info.index, head, task.num_classes
         self.buffers = model.task_buffers[task.name] or None
