@@ -235,16 +235,18 @@ def output_regularizer(
             f"expected old embeddings {tuple(snapshot.embeddings.shape)}, got {tuple(emb.shape)}"
         )
     a_star, targets = snapshot.features, snapshot.targets
+    idx = None
     if subset is not None:
         idx = torch.as_tensor(subset, dtype=torch.long, device=emb.device)
         if idx.numel() == 0:
             raise InputError("the regularized subset of old tasks is empty")
         emb, a_star = emb[idx], a_star[idx]
-        targets = targets[idx] if targets is not None else None
     k = emb.shape[0]
     feats, layers = current_outputs(hnet, emb, delta)
     if method == "auto":
         method = choose_method(k * snapshot.num_chunks, feats.shape[-1] + 1, targets is not None)
+    if method == "explicit" and targets is not None and idx is not None:
+        targets = targets[idx]  # (k, n): only the explicit form reads them (a copy per step)
     if method == "gram":
         total = _gram_sum(snapshot, _augment(feats), a_star,
                           [_head_matrix(w, b) for w, b in layers])
