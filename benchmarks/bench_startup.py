@@ -27,8 +27,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +36,7 @@ from benchmarks._timing import LoadMonitor, Sample, best, interleave
 from benchmarks.bench_scoring import TASK, build_model, write_npy
 from hnet_serve.checkpoint import save_checkpoint
 from hnet_serve.graph_cache import ENV_VAR
+from hnet_serve.quickstart import wait_ready
 
 SECTION = "startup"
 GOAL_SCORE_S = 2.5
@@ -81,18 +80,7 @@ def serve_ready(ckpt: Path, env: dict[str, str], timeout: float = 300.0) -> None
     proc = subprocess.Popen(cli("serve", str(ckpt), "--port", str(port)), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"hnet-serve serve exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("hnet-serve serve: /readyz not 200 in time")
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout, poll=0.05)
     finally:
         proc.send_signal(2)
         try:

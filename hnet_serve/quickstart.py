@@ -35,8 +35,8 @@ def _http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 10
         return json.loads(resp.read())
 
 
-def wait_ready(url: str, proc, timeout: float = 120.0) -> None:
-    """Poll ``/readyz`` until 200; fail early if the server process exits."""
+def wait_ready(url: str, proc, timeout: float = 120.0, poll: float = 0.5) -> None:
+    """Poll ``/readyz`` every ``poll`` seconds until 200; fail early if the server exits."""
     from hnet_serve.errors import HNetError
 
     deadline = time.monotonic() + timeout
@@ -49,7 +49,7 @@ def wait_ready(url: str, proc, timeout: float = 120.0) -> None:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(0.5)
+        time.sleep(poll)
     raise HNetError(f"the server at {url} was not ready after {timeout:.0f} s")
 
 

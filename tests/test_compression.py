@@ -56,19 +56,17 @@ def test_a_target_too_small_to_compress(capsys, tmp_path):
     assert code == 0
 
 
-def test_regularized_old_tasks_are_capped_by_default():
-    """The step's regularizer covers a random DEFAULT_REG_TASKS old tasks (flat cost in the
-    number of tasks); "all" (and None, what older checkpoints saved) covers every one."""
-    from hnet_serve.training.config import DEFAULT_REG_TASKS, validate_config
+def test_every_old_task_is_regularized_by_default_and_subsets_are_opt_in():
+    """By default every old task is regularized every step ("all"; None, what older checkpoints
+    saved, means the same); ``reg_tasks=N`` picks a fresh random N of them each step."""
+    from hnet_serve.training.config import validate_config
     from hnet_serve.training.methods.hnet import HNetMethod, task_norm
     from hnet_serve.training.methods.registry import make_method
     from tests.test_training import make_task, tiny_config
 
-    many = [make_task(f"t{i}", i) for i in range(DEFAULT_REG_TASKS + 3)]
-    cfg = tiny_config(iterations=1)
-    assert cfg.reg_tasks == DEFAULT_REG_TASKS
-    for setting, covered in [(DEFAULT_REG_TASKS, DEFAULT_REG_TASKS), ("all", len(many) - 1),
-                             (None, len(many) - 1), (3, 3)]:
+    many = [make_task(f"t{i}", i) for i in range(11)]
+    assert tiny_config(iterations=1).reg_tasks == "all"
+    for setting, covered in [("all", 10), (None, 10), (3, 3), (8, 8), (10, 10), (50, 10)]:
         cfg = tiny_config(iterations=1, reg_tasks=setting)
         if setting is None:  # what older checkpoints saved (build_config skips None overrides)
             cfg = validate_config({**cfg.model_dump(mode="json"), "reg_tasks": None})
@@ -77,9 +75,11 @@ def test_regularized_old_tasks_are_capped_by_default():
             method.model.add_task(t.name, num_classes=t.num_classes,
                                   input_norm=task_norm(method.model, t))
         method.begin_task(len(many) - 1, many[-1])
-        subset = method._subset()
-        picked = len(many) - 1 if subset is None else len(set(subset.tolist()))
-        assert picked == covered
+        picks = [method._subset() for _ in range(3)]
+        for subset in picks:
+            assert (10 if subset is None else len(set(subset.tolist()))) == covered
+        if covered < 10:  # a fresh subset each step
+            assert len({tuple(p.tolist()) for p in picks}) > 1
     with pytest.raises(Exception, match="reg_tasks"):
         tiny_config(reg_tasks=0)
 

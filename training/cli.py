@@ -65,8 +65,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     _bool_flag(g, "lookahead", "regularize the lookahead f_h(e, Θ + ΔΘ)")
     g.add_argument("--reg-method", choices=["auto", "gram", "explicit"])
     g.add_argument("--reg-tasks", type=_reg_tasks, metavar="N|all",
-                   help="regularize a random subset of N old tasks per step, or all of them "
-                   "(default 8: a step's cost stays flat however many tasks came before)")
+                   help="regularize a random subset of N old tasks per step (a flat step cost "
+                   "on long sequences, but more forgetting), or all of them (default)")
     _bool_flag(g, "train-old-embeddings", "keep training old task embeddings (paper: frozen)")
     g.add_argument("--outlier-weight", type=float, metavar="W",
                    help="weight of the uniform-prediction loss on outliers made from each batch "
