@@ -25,8 +25,7 @@ from tests.test_service_http import (
     ROOT,
     child_env,
     free_port,
-    stop_process_group,
-    wait_ready,
+    live_server,
 )
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -56,18 +55,8 @@ def server(checkpoint, tmp_path_factory):
            "HNET_MAX_REQUEST_BYTES": str(MAX_BYTES)}
     log = home / "serve.log"
     cmd = [sys.executable, "-m", "hnet_serve.cli", "serve", str(checkpoint), "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=ROOT)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            try:
-                wait_ready(http.get, timeout=150)
-            except AssertionError:
-                raise AssertionError(log.read_text()[-3000:]) from None
+    with live_server(cmd, env, log, port):
         yield f"127.0.0.1:{port}"
-    finally:
-        stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")

@@ -311,13 +311,7 @@ def test_serve_watch_and_reload_cli_end_to_end(versions, tmp_path):
 
     import httpx
 
-    from tests.test_service_http import (
-        ROOT,
-        child_env,
-        free_port,
-        stop_process_group,
-        wait_ready,
-    )
+    from tests.test_service_http import child_env, free_port, live_server
 
     watched = tmp_path / "live"
     shutil.copytree(versions["v1"], watched)
@@ -326,10 +320,6 @@ def test_serve_watch_and_reload_cli_end_to_end(versions, tmp_path):
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     exe = str(Path(sys.executable).with_name("hnet-serve"))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, "serve", str(watched), "--port", str(port), "--watch",
-                                 "--watch-interval", "0.2"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
     def cli(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
         e = {k: v for k, v in env.items() if k != "HNET_ADMIN_TOKEN"}
@@ -345,28 +335,22 @@ def test_serve_watch_and_reload_cli_end_to_end(versions, tmp_path):
             time.sleep(0.2)
 
     v1, v2 = checkpoint_hash(versions["v1"]), checkpoint_hash(versions["v2"])
-    try:
-        with httpx.Client(base_url=url, timeout=10) as http:
-            try:
-                wait_ready(http.get, timeout=150)
-            except AssertionError:
-                raise AssertionError(log.read_text()[-3000:]) from None
-            replace_atomically(versions["v2"], watched)
-            version(http, v2)
-            r = http.post("/predict", json={"task": "task-new", "inputs": [ROW]})
-            assert r.status_code == 200 and r.headers["x-hnet-version"] == v2
-            done = cli("--rollback")
-            assert done.returncode == 0, done.stderr
-            assert json.loads(done.stdout)["version"] == v1
-            done = cli("--checkpoint", str(versions["dropped"]))
-            assert done.returncode == 1
-            assert done.stderr.strip().splitlines()[-1].startswith(
-                "hnet-serve reload: error: reload refused (409): the candidate drops")
-            done = cli(token="wrong")
-            assert done.returncode == 1 and "(401)" in done.stderr
-            assert http.get("/version").json()["version"] == v1
-    finally:
-        stop_process_group(proc)
+    cmd = [exe, "serve", str(watched), "--port", str(port), "--watch", "--watch-interval", "0.2"]
+    with live_server(cmd, env, log, port) as (http, _):
+        replace_atomically(versions["v2"], watched)
+        version(http, v2)
+        r = http.post("/predict", json={"task": "task-new", "inputs": [ROW]})
+        assert r.status_code == 200 and r.headers["x-hnet-version"] == v2
+        done = cli("--rollback")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["version"] == v1
+        done = cli("--checkpoint", str(versions["dropped"]))
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines()[-1].startswith(
+            "hnet-serve reload: error: reload refused (409): the candidate drops")
+        done = cli(token="wrong")
+        assert done.returncode == 1 and "(401)" in done.stderr
+        assert http.get("/version").json()["version"] == v1
     text = log.read_text()
     assert "Traceback" not in text
     assert TOKEN not in text

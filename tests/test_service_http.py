@@ -240,37 +240,27 @@ def test_hnet_serve_subprocess_with_bentoml_client(checkpoint, bentoml_home, ref
     url = f"http://127.0.0.1:{port}"
     log = bentoml_home / "serve.log"
     cmd = [sys.executable, "-m", "hnet_serve.cli", "serve", str(checkpoint), "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=child_env(bentoml_home), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-    try:
-        with httpx.Client(base_url=url, timeout=10) as http:
-            try:
-                wait_ready(http.get, timeout=150)
-            except AssertionError:
-                raise AssertionError(log.read_text()[-3000:]) from None
-            x = np.random.default_rng(3).normal(size=(2, 12)).round(4)
-            with bentoml.SyncHTTPClient(url) as client:
-                out = client.predict(task="task-0", inputs=x.tolist())
-                want = reference.predict("task-0", x)
-                assert out["predictions"] == want.predictions.tolist()
-                np.testing.assert_allclose(out["probabilities"], want.probabilities, atol=1e-6)
-                inferred = client.predict(inputs=x.tolist())
-                assert inferred["inferred"] is True and len(inferred["task"]) == 2
-                with pytest.raises(bentoml.exceptions.NotFound, match="ghost"):
-                    client.predict(task="ghost", inputs=x.tolist())
-                with pytest.raises(bentoml.exceptions.BentoMLException) as err:
-                    client.predict(task="task-0", inputs=[[1.0, 2.0]])
-                assert err.value.error_code == 400
-            assert http.get("/tasks").json()["tasks"][0]["name"] == "task-0"
-            metrics = http.get("/metrics").text
-            assert "bentoml_service_request_total" in metrics  # BentoML's own metrics
-            assert 'hnet_requests_total{task="task-0"} 1.0' in metrics
+    with live_server(cmd, child_env(bentoml_home), log, port) as (http, proc):
+        x = np.random.default_rng(3).normal(size=(2, 12)).round(4)
+        with bentoml.SyncHTTPClient(url) as client:
+            out = client.predict(task="task-0", inputs=x.tolist())
+            want = reference.predict("task-0", x)
+            assert out["predictions"] == want.predictions.tolist()
+            np.testing.assert_allclose(out["probabilities"], want.probabilities, atol=1e-6)
+            inferred = client.predict(inputs=x.tolist())
+            assert inferred["inferred"] is True and len(inferred["task"]) == 2
+            with pytest.raises(bentoml.exceptions.NotFound, match="ghost"):
+                client.predict(task="ghost", inputs=x.tolist())
+            with pytest.raises(bentoml.exceptions.BentoMLException) as err:
+                client.predict(task="task-0", inputs=[[1.0, 2.0]])
+            assert err.value.error_code == 400
+        assert http.get("/tasks").json()["tasks"][0]["name"] == "task-0"
+        metrics = http.get("/metrics").text
+        assert "bentoml_service_request_total" in metrics  # BentoML's own metrics
+        assert 'hnet_requests_total{task="task-0"} 1.0' in metrics
         # The checkpoint went through the model store under its content hash.
         tag_dir = bentoml_home / "models" / "hnet" / checkpoint_hash(checkpoint)[:16]
         assert (tag_dir / "checkpoint" / "manifest.json").is_file()
-    finally:
-        stop_process_group(proc)
     assert proc.returncode is not None
 
 
@@ -282,6 +272,25 @@ def stop_process_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+@contextlib.contextmanager
+def live_server(cmd: list[str], env: dict[str, str], log: Path, port: int, *,
+                cwd: Path = ROOT, timeout: float = 150.0):
+    """Run ``cmd`` (a server on 127.0.0.1:``port``) in its own session with its output in
+    ``log``; yield ``(httpx client, process)`` once ``/readyz`` answers 200 (else fail with the
+    log's tail); stop the whole process group afterwards."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=cwd)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            try:
+                wait_ready(http.get, timeout=timeout)
+            except AssertionError:
+                raise AssertionError(log.read_text()[-3000:]) from None
+            yield http, proc
+    finally:
+        stop_process_group(proc)
 
 
 def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -329,22 +338,12 @@ def test_bentoml_build_packs_the_checkpoint(checkpoint, bentoml_home, tmp_path):
     serve_env = {k: v for k, v in env.items() if k != "HNET_MODEL_TAG"}
     port = free_port()
     log = tmp_path / "bento-serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1",
-             "--port", str(port)], env=serve_env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=tmp_path)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            try:
-                wait_ready(http.get, timeout=150)
-            except AssertionError:
-                raise AssertionError(log.read_text()[-3000:]) from None
-            served = http.get("/version").json()
-            assert served["version"] == checkpoint_hash(checkpoint), log.read_text()[-3000:]
-            assert served["source"] == tag and "later" not in served["tasks"]
-    finally:
-        stop_process_group(proc)
+    cmd = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1",
+           "--port", str(port)]
+    with live_server(cmd, serve_env, log, port, cwd=tmp_path) as (http, _):
+        served = http.get("/version").json()
+        assert served["version"] == checkpoint_hash(checkpoint), log.read_text()[-3000:]
+        assert served["source"] == tag and "later" not in served["tasks"]
     assert f"serving model {tag} (packed in the Bento {bento_tag})" in log.read_text()
 
 
