@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import BeforeValidator
 
 from hnet_serve.errors import ConfigError
 
@@ -59,6 +61,10 @@ def check_device(spec: object) -> str:
     if not text.startswith("cuda") and ":" in text:
         raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {spec!r}")
     return text
+
+
+# A config field holding a device name, checked (syntax only) and normalized by check_device.
+DeviceName = Annotated[str, BeforeValidator(check_device)]
 
 
 def device_arg(value: str) -> str:

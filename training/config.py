@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hnet_serve.configs import read_mapping_file, validate
-from hnet_serve.devices import check_device
+from hnet_serve.devices import DeviceName
 from hnet_serve.hypernet import HypernetConfig
 from hnet_serve.targets import TargetSpec
 from hnet_serve.training import DEFAULT_OUTLIER_KINDS, OutlierKind
@@ -92,12 +92,7 @@ class TrainConfig(BaseModel):
     # Where this run trains (hnet_serve.devices: auto, cpu, cuda, cuda:N). Not saved with the
     # checkpoint (exclude): it says where a run happened, not what the model is, and add-task
     # on another machine must not inherit a GPU it may not have.
-    device: str = Field(default="auto", exclude=True)
-
-    @field_validator("device", mode="before")
-    @classmethod
-    def _device(cls, v: object) -> str:
-        return check_device(v)
+    device: DeviceName = Field(default="auto", exclude=True)
 
     @field_validator("outlier_kinds")
     @classmethod

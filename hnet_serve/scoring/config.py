@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hnet_serve.configs import validate
-from hnet_serve.devices import check_device
+from hnet_serve.devices import DeviceName
 
 # Rows per chunk: memory scales with it.
 DEFAULT_BATCH_SIZE = 8192
@@ -34,12 +34,7 @@ class ScoringConfig(BaseModel):
     # Columns passed through to the output unchanged, in the input's order (an id to join on).
     keep_columns: list[str] = Field(default_factory=list)
     # where weights are generated and run (hnet_serve.devices: auto, cpu, cuda, cuda:N)
-    device: str = "auto"
-
-    @field_validator("device", mode="before")
-    @classmethod
-    def _device(cls, v: Any) -> str:
-        return check_device(v)
+    device: DeviceName = "auto"
 
     @field_validator("keep_columns", mode="before")
     @classmethod

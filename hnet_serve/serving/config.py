@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hnet_serve.configs import read_mapping_file, validate
-from hnet_serve.devices import check_device
+from hnet_serve.devices import DeviceName
 from hnet_serve.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -75,7 +75,7 @@ class ServingConfig(BaseModel):
     # the Open Inference Protocol's name of the task-inference model (serving/oip.py)
     oip_infer_model: str = Field(default="_infer", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     # where the hypernetwork, the cached weights and the backends run (hnet_serve.devices)
-    device: str = "auto"
+    device: DeviceName = "auto"
     # the dtype cached weights are stored and multiplied in (torch backend; docs/serving.md)
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -83,11 +83,6 @@ class ServingConfig(BaseModel):
     @classmethod
     def _sizes(cls, v: object) -> int:
         return parse_bytes(v)
-
-    @field_validator("device", mode="before")
-    @classmethod
-    def _device(cls, v: object) -> str:
-        return check_device(v)
 
     @field_validator("pinned", "warm", "exclude_from_inference", mode="before")
     @classmethod
