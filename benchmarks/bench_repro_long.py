@@ -26,13 +26,11 @@ import torch
 
 from benchmarks._report import ROOT, machine, table, write_section
 from benchmarks.bench_reproduction import COMPRESSIVE_HNET
-from hnet_serve.hypernet import derive_hypernet
 from hnet_serve.storage import stored_params
 from hnet_serve.training.config import TrainConfig, build_config
 from hnet_serve.training.data import TaskData, build_benchmark
 from hnet_serve.training.evaluate import accuracy, plot_accuracy_matrix
 from hnet_serve.training.loop import TrainResult, run_tasks
-from hnet_serve.training.methods.hnet import build_model
 from hnet_serve.training.methods.registry import make_method
 
 IMG = ROOT / "docs" / "img"
@@ -62,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task-emb-dim", type=int, default=HYPERNET["task_emb_dim"])
     ap.add_argument("--chunk-emb-dim", type=int, default=HYPERNET["chunk_emb_dim"])
     ap.add_argument("--compression", type=float, default=None, metavar="R",
-                    help="derive the hypernetwork from the stored ratio R for --tasks tasks "
-                    "(derive_hypernet, what `hnet-serve train` does by default; the chunk size "
+                    help="size the hypernetwork from the stored ratio R for --tasks tasks, as "
+                    "`hnet-serve train --compression R` does (the chunk size "
                     "and embedding flags are then ignored)")
     ap.add_argument("--reg-tasks", default=None, metavar="N|all",
                     help="old tasks regularized per step (default: the training default)")
@@ -95,12 +93,11 @@ def main(argv: list[str] | None = None) -> None:
                 "iterations": args.iterations, "seed": args.seed, "beta": args.beta,
                 "lr": args.lr, "lookahead": args.lookahead, "reg_tasks": reg_tasks,
                 "target": {"hidden": args.target_hidden}}
-    if args.compression is not None:
-        n_target = build_model(build_config(**settings, compression=None), tasks[:1]).target
-        derived = derive_hypernet(n_target.n_params, args.tasks, args.compression,
-                                  hidden=args.hnet_hidden)
-        hnet_spec = derived.model_dump(mode="json")
-    cfg = build_config(**settings, hypernet=hnet_spec)
+    if args.compression is not None:  # sized exactly as `hnet-serve train` sizes it
+        cfg = build_config(**settings, compression=args.compression,
+                           hypernet={"hidden": args.hnet_hidden})
+    else:
+        cfg = build_config(**settings, hypernet=hnet_spec)
     references = independent_references(full, cfg, args.independent_every)
     method = make_method(cfg, tasks)
     model = method.model
@@ -125,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     final = {t.name: accuracy(model, t.name, t.x_test, t.y_test) for t in full}
     total = time.perf_counter() - t_start
 
-    hn = model.hypernet
+    hn, hc = model.hypernet, model.hypernet_config
     final_acc = np.array(list(final.values()))
     after = np.array(just_trained)
     drift_task1 = 100 * (task1_curve[-1] - task1_curve[0])
@@ -149,10 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         ["task 1 change (points)", drift_task1],
         ["target weights", f"{model.target.n_params:,}"],
         ["hypernetwork weights (shared)", f"{hn.n_shared:,}"],
-        ["task embeddings", f"{n} x {cfg.hypernet.task_emb_dim}"],
+        ["task embeddings", f"{n} x {hc.task_emb_dim}"],
         ["compression ratio (shared / target)", hn.compression_ratio()],
         ["compression ratio counting the task embeddings too",
-         (hn.n_shared + n * cfg.hypernet.task_emb_dim) / model.target.n_params],
+         (hn.n_shared + n * hc.task_emb_dim) / model.target.n_params],
         ["stored / one target network (everything the checkpoint keeps)",
          stored_params(model).ratio],
         [f"step time, task 2 / task {n} (ms)",
@@ -166,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Data: {n} pixel permutations of Fashion-MNIST (task 1 the identity), 60,000 training "
         "/ 10,000 test images each. Target MLP "
         f"{cfg.target.hidden} ({model.target.n_params:,} weights, one shared 10-way output); "
-        f"chunked hypernetwork hidden {hnet_spec['hidden']}, chunk {hnet_spec['chunk_size']}, "
-        f"embeddings {hnet_spec['task_emb_dim']}/{hnet_spec['chunk_emb_dim']} "
+        f"chunked hypernetwork hidden {hc.hidden}, chunk {hc.chunk_size}, "
+        f"embeddings {hc.task_emb_dim}/{hc.chunk_emb_dim} "
         f"({hn.n_shared:,} weights: compression ratio {hn.compression_ratio():.3f}). "
         f"{cfg.iterations} iterations per task, batch {cfg.batch_size}, Adam lr {cfg.lr}, "
         f"beta {cfg.beta}{', lookahead' if cfg.lookahead else ''}, the regularizer on "
