@@ -99,6 +99,28 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                          {"method": "independent", **_T1000}),
     "derived-1.0-t1000": ("MLP 1000-1000 target, sizes from `derive_hypernet(n, tasks, 1.0)`",
                           {**_T1000, "derive": {"ratio": 1.0}}),
+    "default-a0": (("today's default sizes (derived from --compression 1.0), no private "
+                   "corrections"), {"hypernet": {"adapter_rank": 0}}),
+    "default-auto": (("today's default sizes with `adapter_rank` auto (half the budget to the "
+                     "private corrections)"), {"hypernet": {"adapter_rank": "auto"}}),
+    "default-a4": (("today's default (sizes derived from --compression 1.0) + a rank-4 private "
+                   "correction of the first layer per task (`adapter_rank`)"),
+                   {"hypernet": {"adapter_rank": 4}}),
+    "default-a8": ("as default-a4 with rank 8", {"hypernet": {"adapter_rank": 8}}),
+    "default-a16": ("as default-a4 with rank 16", {"hypernet": {"adapter_rank": 16}}),
+    "default-300": ("MLP 300-300 target, today's default (sizes derived from --compression 1.0)",
+                    {**_T300}),
+    "default-300-a8": ("MLP 300-300 target, default-a8", {**_T300, "hypernet": {"adapter_rank": 8}}),
+    "default-300-a16": ("MLP 300-300 target, default-a16",
+                        {**_T300, "hypernet": {"adapter_rank": 16}}),
+    "default-300-a16-v25": ("default-300-a16 with V's initial std 1/sqrt(16) (faster updates)",
+                            {**_T300, "hypernet": {"adapter_rank": 16, "adapter_v_std": 0.25}}),
+    "default-300-a16-beta0.01": ("default-300-a16 with beta 0.01",
+                                 {**_T300, "beta": 0.01, "hypernet": {"adapter_rank": 16}}),
+    "default-1000-a48": ("MLP 1000-1000 target, default sizes with a rank-48 correction",
+                         {**_T1000, "hypernet": {"adapter_rank": 48}}),
+    "default-1000-a80": ("MLP 1000-1000 target, default sizes with a rank-80 correction",
+                         {**_T1000, "hypernet": {"adapter_rank": 80}}),
     "columns-300-tc16": ("MLP 300-300 target, columns, a 16-dim task code per column", {
         **_T300, "hypernet": {**_COLS, "chunk_emb_dim": 8, "task_chunk_emb_dim": 16}}),
 }

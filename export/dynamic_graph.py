@@ -61,7 +61,7 @@ class _DynamicModule(nn.Module):
     def forward(self, task_index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         idx = task_index.reshape(1)  # (1,)
         emb = torch.index_select(self.task_embeddings, 0, idx)  # (1, E)
-        flat = self.hypernet.project(self.hypernet.features(emb))[0]  # (n_params,)
+        flat = self.hypernet(emb)[0]  # (n_params,)
         state = dict(self.twin.unflatten(flat))
         for i, name in enumerate(self.buffer_names):
             state[name] = torch.index_select(getattr(self, f"task_buffer_{i}"), 0, idx)[0]

@@ -47,8 +47,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"target:     {t['kind']} input {t['input_shape']} -> {t['num_classes']} classes "
           f"(reserved), {info['target_params']:,} parameters, input normalization "
           f"{t.get('input_norm', 'none')} per task")
+    adapters = (f", of which {info['adapter_params']:,} in rank-{h['adapter_rank']} private "
+                "first-layer corrections" if h.get("adapter_rank") else "")
     print(f"hypernet:   {h['kind']} hidden {h['hidden']}, {info['hypernet_params']:,} parameters "
-          f"(+ {info['embedding_params']:,} in task embeddings)")
+          f"(+ {info['embedding_params']:,} in task embeddings{adapters})")
     print(f"compression ratio: {info['compression_ratio']:.4f} (shared hypernetwork / target)")
     print(f"stored:     {stored.total:,} parameters ({stored.shared:,} shared, "
           f"{stored.task_embeddings:,} task embeddings, {stored.task_buffers:,} per-task "

@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -61,6 +61,13 @@ class HypernetConfig(BaseModel):
     layout: Literal["flat", "columns"] = "flat"
     # Per-task code for every chunk (0: none); part of each task's embedding row.
     task_chunk_emb_dim: int = Field(default=0, ge=0, le=4096)
+    # Rank of each task's private correction ``U V`` of the target's first weight tensor
+    # (0: none); ``U (out, r)`` and ``V (r, fan_in)`` are part of the task's embedding row.
+    # "auto": derived from the stored-size budget when training sizes the hypernetwork
+    # (training.methods.hnet.hypernet_config_for); a built hypernetwork needs a number.
+    adapter_rank: Annotated[int, Field(ge=0, le=4096)] | Literal["auto"] = 0
+    # Initial std of ``V`` (None: 1/sqrt(fan_in)); ``U`` starts at zero.
+    adapter_v_std: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
@@ -87,6 +94,17 @@ def column_chunks(param_shapes: Sequence[Sequence[int]]) -> list[tuple[int, int]
         else:
             out.append((1, math.prod(shape)))
     return out
+
+
+def adapter_site(param_shapes: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    """``(offset, out, fan_in)`` of the first weight tensor (``(out, in, *k)``) in the target's
+    flat weight vector: where a task's private low-rank correction (``adapter_rank``) goes."""
+    offset = 0
+    for shape in param_shapes:
+        if len(shape) >= 2:
+            return offset, int(shape[0]), math.prod(int(x) for x in shape[1:])
+        offset += math.prod(shape)
+    raise InputError("adapter_rank needs a target with a weight matrix")
 
 
 class HyperNetwork(nn.Module):
@@ -131,6 +149,15 @@ class HyperNetwork(nn.Module):
         scale_t = (torch.cat([torch.full((c,), sc) for _, c, _, sc in self._blocks])
                    if self._blocks else torch.ones(self.num_chunks))
         self.register_buffer("chunk_scale", scale_t, persistent=False)  # (C,)
+        # (offset, out, fan_in) of the tensor each task corrects privately (adapter_rank > 0)
+        self._adapter: tuple[int, int, int] | None = None
+        if config.adapter_rank == "auto":
+            raise InputError("adapter_rank 'auto' is sized from a stored-size budget when "
+                             "training builds the model; give a number here")
+        if config.adapter_rank:
+            if param_shapes is None:
+                raise InputError("adapter_rank needs the target's param_shapes")
+            self._adapter = adapter_site(param_shapes)
         if config.kind == "chunked":
             ce = config.chunk_emb_dim
             shape = (self.num_chunks, ce)  # (C, ce)
@@ -188,9 +215,23 @@ class HyperNetwork(nn.Module):
         return len(self.task_embs)
 
     @property
-    def emb_dim(self) -> int:
-        """Length of one task's embedding row: ``e`` plus its per-chunk codes, if any."""
+    def code_dim(self) -> int:
+        """Length of ``e`` plus the per-chunk codes: what the generator's MLP reads of a row."""
         return self.config.task_emb_dim + self.num_chunks * self.config.task_chunk_emb_dim
+
+    @property
+    def adapter_dim(self) -> int:
+        """Numbers of one task's private correction ``U (out, r)``, ``V (r, fan_in)`` (or 0)."""
+        if self._adapter is None:
+            return 0
+        _, out, fan_in = self._adapter
+        return self.config.adapter_rank * (out + fan_in)
+
+    @property
+    def emb_dim(self) -> int:
+        """Length of one task's embedding row: ``e``, its per-chunk codes and its private
+        correction, if any."""
+        return self.code_dim + self.adapter_dim
 
     @property
     def n_stored(self) -> int:
@@ -204,7 +245,14 @@ class HyperNetwork(nn.Module):
         """Append a task embedding (``N(0, emb_init_std^2)`` unless given); returns its row."""
         dim = self.emb_dim
         if embedding is None:
-            embedding = torch.randn(dim, generator=generator) * self.config.emb_init_std
+            embedding = torch.randn(self.code_dim, generator=generator) * self.config.emb_init_std
+            if self._adapter is not None:  # U = 0 (the task starts from the generated
+                # weights), V ~ N(0, 1/fan_in) as a layer's input projection
+                _, out, fan_in = self._adapter
+                v = torch.randn(self.config.adapter_rank * fan_in, generator=generator)
+                std = self.config.adapter_v_std or 1 / math.sqrt(fan_in)
+                embedding = torch.cat([embedding, torch.zeros(self.config.adapter_rank * out),
+                                       v * std])
         embedding = torch.as_tensor(embedding, dtype=torch.float32).detach().clone()
         if embedding.shape != (dim,):
             raise InputError(f"task embedding must have shape ({dim},), got {tuple(embedding.shape)}")
@@ -245,7 +293,7 @@ class HyperNetwork(nn.Module):
         if self.in_chunk is not None:
             h = h + self.in_chunk(self.chunk_embs).unsqueeze(0)  # (K, C, H0)
         if self.in_code is not None:
-            codes = emb[:, e:].reshape(emb.shape[0], self.num_chunks, -1)  # (K, C, tc)
+            codes = emb[:, e:self.code_dim].reshape(emb.shape[0], self.num_chunks, -1)  # (K, C, tc)
             h = h + self.in_code(codes)  # (K, C, H0)
         h = self._act(h)
         for layer in self.hidden:
@@ -283,7 +331,21 @@ class HyperNetwork(nn.Module):
         """Generate weights from embeddings ``(K, E)`` -> ``(K, n_params)``."""
         if emb.dim() != 2 or emb.shape[1] != self.emb_dim:
             raise InputError(f"embeddings must be (K, {self.emb_dim}), got {tuple(emb.shape)}")
-        return self.project(self.features(emb))
+        return self.with_adapters(self.project(self.features(emb)), emb)
+
+    def with_adapters(self, flat: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Generated weights ``(K, n_params)`` plus each task's private ``U V`` on its first
+        weight tensor (unchanged without adapters). Old tasks' rows are frozen, so the
+        correction is a constant the output regularizer need not see."""
+        if self._adapter is None:
+            return flat
+        offset, out, fan_in = self._adapter
+        r, k, c = self.config.adapter_rank, emb.shape[0], self.code_dim
+        u = emb[:, c : c + out * r].reshape(k, out, r)
+        v = emb[:, c + out * r :].reshape(k, r, fan_in)
+        end = offset + out * fan_in
+        return torch.cat([flat[:, :offset], flat[:, offset:end] + (u @ v).reshape(k, -1),
+                          flat[:, end:]], dim=1)
 
     def generate(self, task_ids: list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Weights for stored tasks: ``(K, n_params)``; row k equals generating task k alone."""

@@ -150,5 +150,7 @@ class HNetModel:
             "target_params": self.target.n_params,
             "hypernet_params": self.hypernet.n_shared,
             "embedding_params": self.hypernet.num_tasks * self.hypernet.emb_dim,
+            # of which each task's private first-layer correction (adapter_rank)
+            "adapter_params": self.hypernet.num_tasks * self.hypernet.adapter_dim,
             "compression_ratio": self.hypernet.compression_ratio(),
         }

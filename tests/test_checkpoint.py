@@ -20,14 +20,20 @@ from hnet_serve.checkpoint import (
 )
 from hnet_serve.cli import main as cli_main
 from hnet_serve.errors import CheckpointError
-from tests.conftest import tiny_columns_model, tiny_mlp_model, tiny_resnet_model
+from tests.conftest import (
+    tiny_adapter_model,
+    tiny_columns_model,
+    tiny_mlp_model,
+    tiny_resnet_model,
+)
 
 
 def _all_logits(model, x_by_task):
     return {n: model.logits(n, x_by_task(n)) for n in model.task_names}
 
 
-@pytest.mark.parametrize("factory", [tiny_mlp_model, tiny_resnet_model, tiny_columns_model])
+@pytest.mark.parametrize("factory", [tiny_mlp_model, tiny_resnet_model, tiny_columns_model,
+                                     tiny_adapter_model])
 def test_round_trip_identical_outputs_for_every_task(tmp_path, factory):
     model = factory()
     model.meta = {"benchmark": "unit", "seed": 3}

@@ -97,3 +97,23 @@ def test_reg_tasks_flag(capsys, tmp_path, value, ok):
         assert run(capsys, *argv)[0] == 0
         assert load_checkpoint(tmp_path / "r").meta["train_config"]["reg_tasks"] == (
             "all" if value == "all" else int(value))
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), ("3", True), ("0", True), ("-1", False),
+                                       ("x", False)])
+def test_adapter_rank_flag(capsys, tmp_path, value, ok):
+    argv = ["train", *FAST, "--adapter-rank", value, "--out", tmp_path / "a"]
+    if not ok:
+        with pytest.raises(SystemExit):
+            run(capsys, *argv)
+        assert "--adapter-rank" in capsys.readouterr().err and not (tmp_path / "a").exists()
+        return
+    assert run(capsys, *argv)[0] == 0
+    model = load_checkpoint(tmp_path / "a")
+    rank = model.hypernet_config.adapter_rank
+    assert isinstance(rank, int) and (rank == int(value) if value != "auto" else rank > 0)
+    assert 0.9 < stored_params(model).ratio <= 1.0  # sized within the budget either way
+    hn = model.hypernet
+    if rank:  # trained: every task's correction moved away from its zero start
+        for row in hn.task_embs:
+            assert row[hn.code_dim:hn.code_dim + 100 * rank].abs().sum() > 0

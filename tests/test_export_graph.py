@@ -35,7 +35,12 @@ from hnet_serve.onnx_graph import (
     opset_of,
 )
 from hnet_serve.targets import MLPConfig
-from tests.conftest import normed_mlp_model, tiny_mlp_model, tiny_resnet_model
+from tests.conftest import (
+    normed_mlp_model,
+    tiny_adapter_model,
+    tiny_mlp_model,
+    tiny_resnet_model,
+)
 
 TOL = 1e-4
 
@@ -55,6 +60,7 @@ def multihead_model() -> HNetModel:
 
 MODELS = {
     "mlp": lambda: tiny_mlp_model(4),
+    "mlp-adapters": lambda: tiny_adapter_model(3),
     "mlp-per-feature": lambda: normed_mlp_model("per-feature"),
     "mlp-image-per-channel": lambda: normed_mlp_model("per-channel", input_shape=(2, 3)),
     "mlp-global": lambda: normed_mlp_model("global", input_shape=(2, 3)),

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from hnet_serve.checkpoint import MANIFEST, WEIGHTS, save_checkpoint
 from hnet_serve.cli import main as cli_main
 from hnet_serve.storage import stored_params
-from tests.conftest import tiny_mlp_model, tiny_resnet_model
+from tests.conftest import tiny_adapter_model, tiny_mlp_model, tiny_resnet_model
 
 
 def _file_numel(path) -> int:
@@ -24,14 +24,16 @@ def _file_numel(path) -> int:
     lambda: tiny_mlp_model(3),
     lambda: tiny_mlp_model(4, kind="full"),
     lambda: tiny_resnet_model(2),
-], ids=["mlp-chunked", "mlp-full", "resnet-with-buffers"])
+    lambda: tiny_adapter_model(3),
+], ids=["mlp-chunked", "mlp-full", "resnet-with-buffers", "mlp-adapters"])
 def test_stored_params_count_everything_the_checkpoint_writes(tmp_path, build):
     model = build()
     save_checkpoint(model, tmp_path / "ck")
     s = stored_params(model)
     assert s.total == _file_numel(tmp_path / "ck")
     assert s.shared == model.hypernet.n_shared  # chunk embeddings included
-    assert s.task_embeddings == len(model.registry) * model.hypernet_config.task_emb_dim
+    hn = model.hypernet
+    assert s.task_embeddings == len(model.registry) * (hn.config.task_emb_dim + hn.adapter_dim)
     buffers = sum(b.numel() for bufs in model.task_buffers.values() for b in bufs.values())
     assert s.task_buffers == buffers
     if "resnet" in type(model.target).__name__.lower():
@@ -63,3 +65,17 @@ def test_info_reports_stored_params_plain_and_json(tmp_path, capsys):
     assert cli_main(["info", str(ck)]) == 0
     text = capsys.readouterr().out
     assert s.summary() in text and f"{s.total:,} parameters" in text
+
+
+def test_info_names_the_private_corrections(tmp_path, capsys):
+    model = tiny_adapter_model(3)
+    ck = tmp_path / "ck"
+    save_checkpoint(model, ck)
+    assert cli_main(["info", str(ck), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    hn = model.hypernet
+    assert out["adapter_params"] == 3 * hn.adapter_dim == 3 * 2 * (16 + 12)
+    assert out["stored_params"] == _file_numel(ck)  # the corrections are in the file, counted
+    assert cli_main(["info", str(ck)]) == 0
+    text = capsys.readouterr().out
+    assert f"{out['adapter_params']:,} in rank-2 private first-layer corrections" in text

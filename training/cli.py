@@ -49,6 +49,18 @@ def _reg_tasks(text: str) -> int | str:
     return value
 
 
+def _adapter_rank(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a rank >= 0 or 'auto', got {text!r}")
+    return value
+
+
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
     p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
 
@@ -179,6 +191,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     hnet = {k: v for k, v in {
         "kind": args.hnet_kind, "hidden": args.hnet_hidden, "chunk_size": args.chunk_size,
         "task_emb_dim": args.task_emb_dim, "chunk_emb_dim": args.chunk_emb_dim,
+        "adapter_rank": args.adapter_rank,
     }.items() if v is not None}
     files, names = _data_args(args.data)
     config = build_config(
@@ -365,6 +378,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="chunk size (default: derived from --compression)")
     g.add_argument("--task-emb-dim", type=int)
     g.add_argument("--chunk-emb-dim", type=int)
+    g.add_argument("--adapter-rank", type=_adapter_rank, metavar="R|auto",
+                   help="rank of each task's private low-rank correction of the target's first "
+                        "layer, stored with its embedding and counted in --compression (0: "
+                        "none; default auto: sized from the --compression budget)")
     g.add_argument("--compression", type=float, metavar="R",
                    help="stored size (every weight the checkpoint keeps) as a fraction of one "
                         "target network for the planned tasks, at most 1.0 (default 1.0); "

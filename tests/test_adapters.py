@@ -1,0 +1,175 @@
+"""Per-task private low-rank corrections of the target's first layer (``adapter_rank``, #15):
+stored in each task's embedding row, added to the generated weights everywhere they are used,
+counted, sized by ``--compression`` and frozen with their task."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hnet_serve.errors import ConfigError, InputError
+from hnet_serve.hypernet import HypernetConfig, HyperNetwork, adapter_site
+from hnet_serve.model import HNetModel
+from hnet_serve.storage import stored_params
+from hnet_serve.targets import MLPConfig
+from hnet_serve.training.regularizer import make_snapshot, output_regularizer
+from tests.conftest import tiny_adapter_model, tiny_mlp_model, tiny_resnet_model
+
+
+def test_site_is_the_first_weight_tensor():
+    assert adapter_site([(5,), (7, 3), (7,), (2, 7)]) == (5, 7, 3)
+    resnet = tiny_resnet_model(1).target
+    offset, out, fan_in = adapter_site(list(resnet.param_shapes.values()))
+    first = next(s for s in resnet.param_shapes.values() if len(s) >= 2)
+    assert (out, fan_in) == (first[0], first[1] * first[2] * first[3]) and offset == 0
+    with pytest.raises(InputError, match="weight matrix"):
+        adapter_site([(4,), (3,)])
+    with pytest.raises(InputError, match="param_shapes"):
+        HyperNetwork(HypernetConfig(adapter_rank=2), 100)
+
+
+def test_a_fresh_task_starts_from_the_generated_weights():
+    model = tiny_mlp_model(3, adapter_rank=4)  # input 12, first layer 16
+    hn = model.hypernet
+    assert hn.adapter_dim == 4 * (16 + 12)
+    assert hn.emb_dim == hn.config.task_emb_dim + hn.adapter_dim
+    for row in hn.task_embs:
+        u = row[hn.code_dim : hn.code_dim + 16 * 4]
+        v = row[hn.code_dim + 16 * 4 :]
+        assert torch.count_nonzero(u) == 0 and torch.count_nonzero(v) == v.numel()
+    with torch.no_grad():
+        plain = hn.project(hn.features(hn.embeddings()))
+        torch.testing.assert_close(hn.generate(), plain, rtol=0, atol=0)
+    # the embedding part is drawn first, as before adapters existed (training seeds a
+    # generator per task, so every task's e is what it was without adapters)
+    old = tiny_mlp_model(1)
+    torch.testing.assert_close(hn.task_embs[0][: hn.code_dim], old.hypernet.task_embs[0],
+                               rtol=0, atol=0)
+
+
+def test_the_correction_is_u_v_on_the_first_layer_of_its_own_task_only():
+    model = tiny_adapter_model(3)
+    hn = model.hypernet
+    with torch.no_grad():
+        flat = hn.generate()
+        plain = hn.project(hn.features(hn.embeddings()))
+    offset, out, fan_in = hn._adapter
+    for k, row in enumerate(hn.task_embs):
+        c, r = hn.code_dim, hn.config.adapter_rank
+        u = row[c : c + out * r].reshape(out, r)
+        v = row[c + out * r :].reshape(r, fan_in)
+        delta = (flat[k] - plain[k]).detach()
+        torch.testing.assert_close(delta[offset : offset + out * fan_in],
+                                   (u @ v).reshape(-1).detach())
+        assert torch.count_nonzero(delta[offset + out * fan_in :]) == 0
+    # the target's first layer is what moves: logits follow the generated weights
+    w = model.target.unflatten(flat[0].detach())
+    first = next(iter(w.values()))
+    assert first.shape == (out, fan_in)
+
+
+@pytest.mark.parametrize("method", ["gram", "explicit"])
+def test_regularizer_is_exact_and_zero_at_the_snapshot(method):
+    model = tiny_adapter_model(4)
+    hn = model.hypernet
+    frozen = copy.deepcopy(hn)
+    old = [0, 1, 2]
+    snap = make_snapshot(hn, old)
+    assert output_regularizer(hn, snap, method=method).item() == 0.0
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in hn.shared_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    with torch.no_grad():
+        ref = (hn.generate(old) - frozen.generate(old)).pow(2).sum(1).mean()
+    value = output_regularizer(hn, snap, method=method)
+    assert value.item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_stored_count_and_derived_sizes_include_the_corrections():
+    from hnet_serve.training.config import build_config
+    from hnet_serve.training.methods.hnet import hypernet_config_for
+
+    target = MLPConfig(input_shape=(784,), hidden=[300, 300], num_classes=10)
+    for rank, tasks in [(0, 10), (8, 10), (16, 10), (2, 30)]:
+        cfg = build_config(benchmark="permuted-mnist", hypernet={"adapter_rank": rank})
+        hcfg = hypernet_config_for(cfg, target, tasks)
+        assert hcfg.adapter_rank == rank
+        assert "adapter_rank" in hcfg.model_dump()  # saved, so add-task keeps it
+        model = HNetModel(target, hcfg, seed=0)
+        for i in range(tasks):
+            model.add_task(f"t{i}")
+        s = stored_params(model)
+        assert s.task_embeddings == tasks * (hcfg.task_emb_dim + rank * (300 + 784))
+        assert 0.97 < s.ratio <= 1.0, (rank, tasks, s.ratio)  # the budget is used, not exceeded
+
+
+def test_old_embeddings_cannot_be_trained_with_corrections():
+    from hnet_serve.training.methods.hnet import HNetMethod
+    from tests.test_training import tiny_config
+
+    cfg = tiny_config(iterations=1, train_old_embeddings=True)
+    with pytest.raises(ConfigError, match="adapter_rank"):
+        HNetMethod(tiny_adapter_model(2), cfg)
+
+
+def test_training_freezes_old_corrections_and_keeps_old_answers():
+    """Two tasks trained with corrections: task 0's row is bit-identical after task 1, and
+    its answers barely move (the output regularizer holds the generated part)."""
+    from hnet_serve.training.loop import run_tasks
+    from hnet_serve.training.methods.registry import make_method
+    from tests.test_training import make_task, tiny_config
+
+    tasks = [make_task("a", 0), make_task("b", 1)]
+    cfg = tiny_config(iterations=40, beta=1.0, hypernet={"kind": "chunked", "hidden": [8],
+                                                          "chunk_size": 64, "adapter_rank": 2})
+    method = make_method(cfg, tasks[:1])
+    run_tasks(method, tasks[:1], cfg, progress=False)
+    hn = method.model.hypernet
+    row0 = hn.task_embs[0].detach().clone()
+    assert torch.count_nonzero(row0[hn.code_dim : hn.code_dim + hn._adapter[1] * 2]) > 0  # U
+    x = torch.from_numpy(tasks[0].x_test)
+    before = method.model.logits("a", x)
+    run_tasks(method, tasks[1:], cfg, progress=False)
+    torch.testing.assert_close(hn.task_embs[0].detach(), row0, rtol=0, atol=0)
+    after = method.model.logits("a", x)
+    assert (after.argmax(1) == before.argmax(1)).float().mean() > 0.9
+
+
+def test_auto_rank_takes_its_share_of_the_budget():
+    from hnet_serve.training.config import build_config
+    from hnet_serve.training.methods.hnet import (
+        ADAPTER_MAX_RANK,
+        ADAPTER_MIN_RANK,
+        ADAPTER_SHARE,
+        hypernet_config_for,
+    )
+
+    target = MLPConfig(input_shape=(784,), hidden=[300, 300], num_classes=10)
+    n = 328_810
+    for tasks, compression in [(10, 1.0), (10, 0.5), (100, 1.0), (1, 1.0)]:
+        cfg = build_config(benchmark="permuted-mnist", hypernet={"adapter_rank": "auto"},
+                           compression=compression)
+        hcfg = hypernet_config_for(cfg, target, tasks)
+        rank = hcfg.adapter_rank
+        assert isinstance(rank, int) and 0 <= rank <= ADAPTER_MAX_RANK
+        share = tasks * rank * (300 + 784) / (compression * n)
+        assert share <= ADAPTER_SHARE  # never more than its share ...
+        if ADAPTER_MIN_RANK <= rank < ADAPTER_MAX_RANK:  # ... and one more would exceed it
+            assert tasks * (rank + 1) * (300 + 784) / (compression * n) > ADAPTER_SHARE
+        if rank == 0:  # too low a rank to be worth its numbers: the hypernetwork gets them
+            assert tasks * ADAPTER_MIN_RANK * (300 + 784) / (compression * n) > ADAPTER_SHARE
+        assert rank == {(10, 1.0): 15, (10, 0.5): 0, (100, 1.0): 0, (1, 1.0): 64}[
+            (tasks, compression)]
+        model = HNetModel(target, hcfg, seed=0)
+        for i in range(tasks):
+            model.add_task(f"t{i}")
+        assert stored_params(model).ratio <= compression
+    # no budget, no derivation: none
+    cfg = build_config(benchmark="permuted-mnist", hypernet={"adapter_rank": "auto"})
+    cfg = cfg.model_copy(update={"compression": None})  # (a None flag is "not given")
+    assert hypernet_config_for(cfg, target, 10).adapter_rank == 0
+    with pytest.raises(InputError, match="auto"):
+        HyperNetwork(HypernetConfig(adapter_rank="auto"), 100, [(10, 10)])
