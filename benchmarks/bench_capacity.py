@@ -106,6 +106,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default-a4": (("today's default (sizes derived from --compression 1.0) + a rank-4 private "
                    "correction of the first layer per task (`adapter_rank`)"),
                    {"hypernet": {"adapter_rank": 4}}),
+    "default-a5": ("as default-a4 with rank 5", {"hypernet": {"adapter_rank": 5}}),
     "default-a8": ("as default-a4 with rank 8", {"hypernet": {"adapter_rank": 8}}),
     "default-a16": ("as default-a4 with rank 16", {"hypernet": {"adapter_rank": 16}}),
     "default-300": ("MLP 300-300 target, today's default (sizes derived from --compression 1.0)",
@@ -121,6 +122,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                          {**_T1000, "hypernet": {"adapter_rank": 48}}),
     "default-1000-a80": ("MLP 1000-1000 target, default sizes with a rank-80 correction",
                          {**_T1000, "hypernet": {"adapter_rank": 80}}),
+    "default-1000-auto": (("MLP 1000-1000 target, today's default sizes with `adapter_rank` "
+                           "auto"), {**_T1000, "hypernet": {"adapter_rank": "auto"}}),
+    "default-1000-auto-p10-lr2e-3": ("default-1000-auto sized for 10 tasks, Adam lr 2e-3",
+                                     {**_T1000, "planned_tasks": 10, "lr": 2e-3,
+                                      "hypernet": {"adapter_rank": "auto"}}),
+    "default-1000-auto-p10": ("default-1000-auto sized for 10 tasks (screening on fewer)",
+                              {**_T1000, "planned_tasks": 10,
+                               "hypernet": {"adapter_rank": "auto"}}),
     "columns-300-tc16": ("MLP 300-300 target, columns, a 16-dim task code per column", {
         **_T300, "hypernet": {**_COLS, "chunk_emb_dim": 8, "task_chunk_emb_dim": 16}}),
 }

@@ -171,5 +171,9 @@ def test_auto_rank_takes_its_share_of_the_budget():
     cfg = build_config(benchmark="permuted-mnist", hypernet={"adapter_rank": "auto"})
     cfg = cfg.model_copy(update={"compression": None})  # (a None flag is "not given")
     assert hypernet_config_for(cfg, target, 10).adapter_rank == 0
+    # explicit sizes: nothing is derived, so no corrections either
+    cfg = build_config(benchmark="permuted-mnist", hypernet={"chunk_size": 5000})
+    assert cfg.hypernet.adapter_rank == "auto"  # the preset's
+    assert hypernet_config_for(cfg, target, 10).adapter_rank == 0
     with pytest.raises(InputError, match="auto"):
         HyperNetwork(HypernetConfig(adapter_rank="auto"), 100, [(10, 10)])

@@ -124,7 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iterations": 300,
         "target": {"hidden": [100, 100]},
         "hypernet": {"kind": "chunked", "hidden": [25, 25], "task_emb_dim": 24,
-                     "chunk_emb_dim": 8},
+                     "chunk_emb_dim": 8, "adapter_rank": "auto"},
     },
     # 82.30 % CL1 at 1.00x on Permuted Fashion-MNIST-10 (independent networks: 86.07 at 10x):
     # tasks that share nothing need more than one network's worth of weights to be learned as
@@ -134,7 +134,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "beta": 0.05,
         "target": {"hidden": [100, 100]},
         "hypernet": {"kind": "chunked", "hidden": [50, 50], "task_emb_dim": 24,
-                     "chunk_emb_dim": 8},
+                     "chunk_emb_dim": 8, "adapter_rank": "auto"},
     },
     "split-cifar": {
         "iterations": 5000,
@@ -148,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iterations": 1000,
         "target": {"hidden": [100, 100]},
         "hypernet": {"kind": "chunked", "hidden": [50, 50], "task_emb_dim": 24,
-                     "chunk_emb_dim": 8},
+                     "chunk_emb_dim": 8, "adapter_rank": "auto"},
     },
 }
 

@@ -76,6 +76,8 @@ RESERVED_MIN = 10
 # budget goes to the hypernetwork (docs/reproduction.md, "Capacity": at MLP 100-100 on Permuted
 # Fashion-MNIST-10, ranks 4-8 cost up to 1.8 points; a private rank-4 first layer learns a task
 # to 81 %, rank 8 to 84 %, full rank 86 %).
+# The rank is also at most half the matrix's smaller side (the factors cost less than the
+# matrix itself).
 ADAPTER_SHARE = 0.5
 ADAPTER_MAX_RANK = 64
 ADAPTER_MIN_RANK = 8
@@ -86,20 +88,22 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
     """``config.hypernet``, with its chunk size derived from ``config.compression`` for
     ``config.planned_tasks`` (default ``num_tasks``) tasks unless a chunk size was given (or
     the hypernetwork is not a flat chunked one): the stored size stays within that fraction of
-    one ``target`` network (:func:`~hnet_serve.hypernet.derive_hypernet`)."""
+    one ``target`` network (:func:`~hnet_serve.hypernet.derive_hypernet`). An ``adapter_rank``
+    of "auto" becomes a number here: :data:`ADAPTER_SHARE` of the budget when the sizes are
+    derived, else 0."""
     hn = config.hypernet
     with torch.device("meta"):  # only the parameter counts: allocate nothing
         net = build_target(target)
     tasks = config.planned_tasks or num_tasks
     _, out, fan_in = adapter_site(list(net.param_shapes.values()))
-    if hn.adapter_rank == "auto":
-        rank = 0 if config.compression is None else min(ADAPTER_MAX_RANK, math.floor(
-            ADAPTER_SHARE * config.compression * net.n_params / (tasks * (out + fan_in))))
-        if rank < ADAPTER_MIN_RANK:
-            rank = 0
-        hn = hn.model_copy(update={"adapter_rank": rank})
-    if (config.compression is None or hn.kind != "chunked" or hn.layout != "flat"
-            or "chunk_size" in hn.model_fields_set):
+    derive = (config.compression is not None and hn.kind == "chunked" and hn.layout == "flat"
+              and "chunk_size" not in hn.model_fields_set)
+    if hn.adapter_rank == "auto":  # sized with the hypernetwork, or none
+        rank = min(ADAPTER_MAX_RANK, min(out, fan_in) // 2, math.floor(
+            ADAPTER_SHARE * config.compression * net.n_params / (tasks * (out + fan_in)))
+        ) if derive else 0
+        hn = hn.model_copy(update={"adapter_rank": rank if rank >= ADAPTER_MIN_RANK else 0})
+    if not derive:
         return hn
     norm = net.buffer_shapes.get(MEAN)  # each task stores its mean and std
     # and its private correction of the first weight tensor
