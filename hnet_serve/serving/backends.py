@@ -14,7 +14,11 @@
   initializers.
 
 Both generate every missing task of a cache load in one batched hypernetwork pass, and both
-return float32 numpy logits already cut to each task's own classes.
+return float32 numpy logits already cut to each task's own classes. ``outputs`` returns each
+group's probabilities beside its logits: the onnx backend's sessions compute them in the same
+run (a ``Softmax`` node appended to the task's graph, 1-2 us at batch 1 against 5-8 us for
+numpy's softmax on a request's few values: docs/benchmarks.md, "Serving"); the torch backend
+applies :func:`~hnet_serve.task_inference.softmax` to its logits.
 
 **Devices and dtypes.** Both run where the model is (``ServingConfig.device``): the torch backend
 keeps its cached weights on that device, the onnx backend asks ONNX Runtime for its CUDA
@@ -46,6 +50,7 @@ from hnet_serve.registry import TaskInfo
 from hnet_serve.serving.packed import PackedLayer, can_pack, pack, run_packed
 from hnet_serve.serving.packed import nbytes as packed_nbytes
 from hnet_serve.targets import MLPTarget
+from hnet_serve.task_inference import softmax
 
 # Stacking K tasks' MLP weights for one bmm copies K * n_params floats; it pays off only while
 # that copy is cheaper than K small per-task matmul chains (a few torch ops each). Measured on
@@ -96,6 +101,11 @@ class Backend(Protocol):
     def nbytes(self, entry: Any) -> int: ...
 
     def logits(self, entries: Sequence[Any], groups: Sequence[Group]) -> list[np.ndarray]: ...
+
+    def outputs(self, entries: Sequence[Any], groups: Sequence[Group]
+                ) -> list[tuple[np.ndarray, np.ndarray]]: ...
+
+    def output(self, entry: Any, group: Group) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 # -- generation ---------------------------------------------------------------------------
@@ -277,6 +287,16 @@ class TorchBackend:
             transposed=isinstance(self.model.target, MLPTarget),
         )
 
+    def outputs(self, entries: Sequence[TorchEntry], groups: Sequence[Group]
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each group's ``(logits, probabilities)``, both ``(B_g, num_classes_g)``."""
+        return [(z, softmax(z)) for z in self.logits(entries, groups)]
+
+    def output(self, entry: TorchEntry, group: Group) -> tuple[np.ndarray, np.ndarray]:
+        """One group's ``(logits, probabilities)``."""
+        ((z, p),) = self.outputs([entry], [group])
+        return z, p
+
 
 # -- ONNX Runtime -------------------------------------------------------------------------
 def default_threads() -> int:
@@ -306,9 +326,33 @@ def session_options(threads: int | None = None, *, spinning: bool | None = None)
     return opts
 
 
+# The serving sessions' outputs: the task graph's logits and their softmax (with_probabilities).
+LOGITS, PROBABILITIES = "logits", "probabilities"
+_LOGITS, _BOTH = [LOGITS], [LOGITS, PROBABILITIES]
+
+
+def with_probabilities(proto: Any) -> Any:
+    """``proto`` (a task graph, output ``logits (B, C)``) with a second output,
+    ``probabilities``: their softmax over the classes, computed in the same session run.
+
+    ``axis=1`` reads the same under every opset's Softmax (a 2-D input). ``proto`` is changed
+    in place and returned."""
+    from onnx import helper
+
+    graph = proto.graph
+    (logits,) = [o for o in graph.output if o.name == LOGITS]
+    graph.node.append(helper.make_node("Softmax", [LOGITS], [PROBABILITIES], axis=1,
+                                       name="hnet_serve.softmax"))
+    probs = graph.output.add()
+    probs.CopyFrom(logits)  # same type and shape: (batch, num_classes) float32
+    probs.name = PROBABILITIES
+    return proto
+
+
 @dataclass
 class OnnxEntry:
-    """What the onnx backend caches for a task: its session and the serialized model's size."""
+    """What the onnx backend caches for a task: its session (outputs ``logits`` and
+    ``probabilities``) and the serialized model's size."""
 
     session: Any  # onnxruntime.InferenceSession
     nbytes: int
@@ -336,7 +380,7 @@ class OnnxBackend:
 
         entries = []
         for name, w in zip(names, generate_weights(self.model, names)):
-            data = self.graph.serialize(name, weights=w)
+            data = with_probabilities(self.graph.model_proto(name, weights=w)).SerializeToString()
             session = ort.InferenceSession(
                 data, sess_options=self._options, providers=self.providers
             )
@@ -348,11 +392,21 @@ class OnnxBackend:
         return entry.nbytes
 
     def logits(self, entries: Sequence[OnnxEntry], groups: Sequence[Group]) -> list[np.ndarray]:
-        out = []
-        for entry, g in zip(entries, groups):
-            (y,) = entry.session.run(["logits"], {"input": g.x})
-            out.append(np.asarray(y[:, : g.info.num_classes], dtype=np.float32))
-        return out
+        # The task graph gathers the task's own columns: its logits are (B, num_classes) float32.
+        # Only the logits are asked for (batch scoring computes probabilities it writes only).
+        return [entry.session.run(_LOGITS, {"input": g.x})[0]
+                for entry, g in zip(entries, groups)]
+
+    def outputs(self, entries: Sequence[OnnxEntry], groups: Sequence[Group]
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each group's ``(logits, probabilities)`` from one session run."""
+        return [self.output(e, g) for e, g in zip(entries, groups)]
+
+    def output(self, entry: OnnxEntry, group: Group) -> tuple[np.ndarray, np.ndarray]:
+        """One group's ``(logits, probabilities)`` from one session run (the batch-1 path:
+        nothing but the run)."""
+        logits, probs = entry.session.run(_BOTH, {"input": group.x})
+        return logits, probs
 
 
 def onnx_providers(device: torch.device) -> list[Any]:
