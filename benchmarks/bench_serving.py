@@ -141,6 +141,7 @@ def bench_latency(model, threads: int, quick: bool) -> str:
         print(f"latency batch {batch}: bare {ms(d.a.wall)} ms, runtime({default}, default) "
               f"{ms(d.b.wall)} ms ({d.ratio:.3f}x), runtime({other}) {ms(o.b.wall)} ms "
               f"({o.ratio:.3f}x)")
+    x1 = np.random.default_rng(1).uniform(0, 1, (1, INPUT)).astype(np.float32)
     return (
         f"**In-process latency, cached task** (MLP {INPUT}-{'-'.join(map(str, BIG))}-{CLASSES}, "
         f"{model.target.n_params:,} target parameters; ORT intra-op threads = {threads} for "
@@ -151,6 +152,42 @@ def bench_latency(model, threads: int, quick: bool) -> str:
         + table(["batch", "bare ORT (ms)", "bare CPU (ms)", f"default: {default} (ms)",
                  f"{default} CPU (ms)", "ratio", "<= 1.2x", f"{other} (ms)", f"{other} ratio"],
                 rows)
+        + "\n" + latency_breakdown(rts["onnx"], bare, task, x1, quick)
+    )
+
+
+def latency_breakdown(rt, bare, task: str, x: np.ndarray, quick: bool) -> str:
+    """Where the onnx path's batch-1 time goes: each layer of ``Runtime.predict`` timed against
+    the bare session (interleaved, like the table above), the difference between lines being
+    what that layer adds. Each line includes the lines above it."""
+    from benchmarks._report import table
+    from benchmarks._timing import paired as timed
+    from hnet_serve.serving.backends import _BOTH
+
+    session = rt.cache.get(task).session
+    layers = [
+        ("the task's cached session: `run([logits, probabilities])` (the Softmax node)",
+         lambda: session.run(_BOTH, {"input": x})),
+        ("`Runtime.predict(task, x, validated=True)`: + task, cache hit, argmax, labels",
+         lambda: rt.predict(task, x, validated=True)),
+        ("`Runtime.predict(task, x)`: + input validation (dtype, shape, NaN/inf)",
+         lambda: rt.predict(task, x)),
+    ]
+    rows, prev = [["bare ORT session: `run([logits])`", "", "1.000", "", ""]], 0.0
+    for label, fn in layers:
+        r = timed(lambda: bare.run(["logits"], {"input": x}), fn,
+                  rounds=5 if quick else 41, number=5 if quick else 20)
+        extra = (r.ratio - 1) * r.a.wall * 1e6  # us over bare, from the per-round ratio
+        rows.append([label, ms(r.b.wall), f"{r.ratio:.3f}", f"{extra:+.1f}",
+                     f"{extra - prev:+.1f}"])
+        prev = extra
+        print(f"breakdown: {label}: {r.ratio:.3f}x ({extra:+.1f} us)", flush=True)
+    return (
+        "**Where the default path's batch-1 time goes** (onnx backend, same model and session "
+        "options; each line timed against the bare session in its own interleaved run and "
+        "includes the lines above; 'us over bare' = (ratio - 1) x the bare time, 'adds' = the "
+        "difference to the line above; a few us of noise on a busy machine).\n\n"
+        + table(["path", "ms", "ratio vs bare", "us over bare", "adds (us)"], rows)
     )
 
 

@@ -201,23 +201,27 @@ def test_every_nonfinite_value_of_a_float32_array_is_found(where, bad):
         rt.predict("task-0", x)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_probabilities_are_the_softmax_of_the_logits_on_every_path(backend):
-    rt = Runtime(tiny_mlp_model(), ServingConfig(backend=backend))
+@pytest.mark.parametrize(("backend", "onnx_softmax"),
+                         [("torch", True), ("onnx", True), ("onnx", False)])
+def test_probabilities_are_the_softmax_of_the_logits_on_every_path(backend, onnx_softmax):
+    rt = Runtime(tiny_mlp_model(), ServingConfig(backend=backend, onnx_softmax=onnx_softmax))
     x = np.random.default_rng(7).normal(0, 3, (6, 12)).astype(np.float32)
     pred = rt.predict("task-1", x)
-    np.testing.assert_allclose(pred.probabilities, softmax(rt.task_logits("task-1", x)),
-                               rtol=1e-6, atol=1e-7)
+    logits = rt.task_logits("task-1", x)
+    np.testing.assert_allclose(pred.probabilities, softmax(logits), rtol=1e-6, atol=1e-7)
     assert pred.probabilities.dtype == np.float32 and pred.probabilities.shape == (6, 3)
     mixed = rt.predict_mixed(["task-1"] * 3 + ["task-0"] * 3, x)
     alone = rt.predict("task-1", x[:3])
     if backend == "onnx":
-        # The session computes the softmax in the same run, one output beside the logits; a
-        # request answers exactly alike whether the batcher ran it alone or with others.
+        # With onnx_softmax the session computes the softmax in the same run, an output beside
+        # the logits; a request answers exactly alike whether the batcher ran it alone or with
+        # others. Without, the sessions hold the logits only and numpy computes the softmax.
         outputs = rt.cache.get("task-1").session.get_outputs()
-        assert [(o.name, o.shape) for o in outputs] == [("logits", ["batch", 3]),
-                                                        ("probabilities", ["batch", 3])]
+        want = [("logits", ["batch", 3]), ("probabilities", ["batch", 3])]
+        assert [(o.name, o.shape) for o in outputs] == want[: 1 + onnx_softmax]
         np.testing.assert_array_equal(mixed.probabilities[:3], alone.probabilities)
+        if not onnx_softmax:
+            np.testing.assert_array_equal(pred.probabilities, softmax(logits))
     np.testing.assert_allclose(mixed.probabilities[:3], alone.probabilities, atol=1e-6)
 
 

@@ -14,11 +14,10 @@
   initializers.
 
 Both generate every missing task of a cache load in one batched hypernetwork pass, and both
-return float32 numpy logits already cut to each task's own classes. ``outputs`` returns each
-group's probabilities beside its logits: the onnx backend's sessions compute them in the same
-run (a ``Softmax`` node appended to the task's graph, 1-2 us at batch 1 against 5-8 us for
-numpy's softmax on a request's few values: docs/benchmarks.md, "Serving"); the torch backend
-applies :func:`~hnet_serve.task_inference.softmax` to its logits.
+return float32 numpy logits already cut to each task's own classes; ``outputs`` adds each
+group's probabilities, which the onnx backend's sessions compute in the same run (a ``Softmax``
+node appended to the task's graph: 1-2 us at batch 1 where numpy's took 5-8 us; off with
+``ServingConfig.onnx_softmax``, as batch scoring does; docs/benchmarks.md, "Serving").
 
 **Devices and dtypes.** Both run where the model is (``ServingConfig.device``): the torch backend
 keeps its cached weights on that device, the onnx backend asks ONNX Runtime for its CUDA
@@ -294,8 +293,7 @@ class TorchBackend:
 
     def output(self, entry: TorchEntry, group: Group) -> tuple[np.ndarray, np.ndarray]:
         """One group's ``(logits, probabilities)``."""
-        ((z, p),) = self.outputs([entry], [group])
-        return z, p
+        return self.outputs([entry], [group])[0]
 
 
 # -- ONNX Runtime -------------------------------------------------------------------------
@@ -332,11 +330,8 @@ _LOGITS, _BOTH = [LOGITS], [LOGITS, PROBABILITIES]
 
 
 def with_probabilities(proto: Any) -> Any:
-    """``proto`` (a task graph, output ``logits (B, C)``) with a second output,
-    ``probabilities``: their softmax over the classes, computed in the same session run.
-
-    ``axis=1`` reads the same under every opset's Softmax (a 2-D input). ``proto`` is changed
-    in place and returned."""
+    """``proto`` (a task graph, output ``logits (B, C)``), changed in place, with a second
+    output ``probabilities``: their softmax (``axis=1`` reads alike in every opset for 2-D)."""
     from onnx import helper
 
     graph = proto.graph
@@ -351,8 +346,7 @@ def with_probabilities(proto: Any) -> Any:
 
 @dataclass
 class OnnxEntry:
-    """What the onnx backend caches for a task: its session (outputs ``logits`` and
-    ``probabilities``) and the serialized model's size."""
+    """What the onnx backend caches for a task: its session and the serialized model's size."""
 
     session: Any  # onnxruntime.InferenceSession
     nbytes: int
@@ -364,7 +358,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, model: HNetModel, *, threads: int | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, probabilities: bool = True) -> None:
         try:
             from hnet_serve.onnx_graph import TaskGraph
         except ImportError as exc:  # pragma: no cover - depends on the export module
@@ -374,13 +368,15 @@ class OnnxBackend:
         self.graph = TaskGraph.build(model)  # traced once
         self._options = session_options(self.threads)
         self.providers = onnx_providers(device or torch.device("cpu"))
+        self.probabilities = probabilities  # sessions output them too (with_probabilities)
 
     def build(self, names: list[str]) -> list[OnnxEntry]:
         import onnxruntime as ort
 
         entries = []
         for name, w in zip(names, generate_weights(self.model, names)):
-            data = with_probabilities(self.graph.model_proto(name, weights=w)).SerializeToString()
+            proto = self.graph.model_proto(name, weights=w)
+            data = (with_probabilities(proto) if self.probabilities else proto).SerializeToString()
             session = ort.InferenceSession(
                 data, sess_options=self._options, providers=self.providers
             )
@@ -393,7 +389,8 @@ class OnnxBackend:
 
     def logits(self, entries: Sequence[OnnxEntry], groups: Sequence[Group]) -> list[np.ndarray]:
         # The task graph gathers the task's own columns: its logits are (B, num_classes) float32.
-        # Only the logits are asked for (batch scoring computes probabilities it writes only).
+        # ORT runs the softmax node even when only the logits are fetched: batch scoring builds
+        # its sessions without one (ServingConfig.onnx_softmax).
         return [entry.session.run(_LOGITS, {"input": g.x})[0]
                 for entry, g in zip(entries, groups)]
 
@@ -404,7 +401,10 @@ class OnnxBackend:
 
     def output(self, entry: OnnxEntry, group: Group) -> tuple[np.ndarray, np.ndarray]:
         """One group's ``(logits, probabilities)`` from one session run (the batch-1 path:
-        nothing but the run)."""
+        nothing but the run), or the logits and numpy's softmax without ``probabilities``."""
+        if not self.probabilities:
+            (logits,) = entry.session.run(_LOGITS, {"input": group.x})
+            return logits, softmax(logits)
         logits, probs = entry.session.run(_BOTH, {"input": group.x})
         return logits, probs
 
@@ -421,15 +421,15 @@ def onnx_providers(device: torch.device) -> list[Any]:
 
 
 def make_backend(name: str, model: HNetModel, *, threads: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | None = None
-                 ) -> Backend:
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                 onnx_softmax: bool = True) -> Backend:
     if name == "torch":
         return TorchBackend(model, dtype=dtype)
     if name == "onnx":
         if dtype != torch.float32:
             raise ConfigError("cache_dtype bfloat16 needs backend 'torch' (the onnx backend's "
                               "sessions run float32 graphs); use --backend torch")
-        return OnnxBackend(model, threads=threads, device=device)
+        return OnnxBackend(model, threads=threads, device=device, probabilities=onnx_softmax)
     raise ConfigError(f"backend must be 'torch' or 'onnx', got {name!r}")
 
 

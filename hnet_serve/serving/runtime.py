@@ -155,7 +155,8 @@ class Runtime:
         self.dtype = resolve_dtype(self.config.cache_dtype)
         model.to(self.device)
         self.backend = make_backend(self.config.backend, model, threads=threads,
-                                    dtype=self.dtype, device=self.device)
+                                    dtype=self.dtype, device=self.device,
+                                    onnx_softmax=self.config.onnx_softmax)
         self.cache: WeightCache[Any] = WeightCache(
             self.backend.build,
             capacity_bytes=self.config.cache_bytes,
