@@ -126,6 +126,8 @@ def bench_latency(model, threads: int, quick: bool) -> str:
     data = graph.serialize(task, weights=model.generate([task])[0])
     bare = ort.InferenceSession(data, sess_options=session_options(threads),
                                 providers=["CPUExecutionProvider"])
+    rts["onnx"].predict(task, np.zeros((1, INPUT), np.float32))
+    same_session_options(bare, rts["onnx"].cache.get(task).session)
     rows = []
     for batch in (1, 64):
         x = np.random.default_rng(batch).uniform(0, 1, (batch, INPUT)).astype(np.float32)
@@ -155,12 +157,33 @@ def bench_latency(model, threads: int, quick: bool) -> str:
         "ms per call). "
         f"**The default serving backend is `{default}`** (`ServingConfig.backend`); `{other}` "
         "is shown beside it. Goal: the default path <= 1.2x the bare ORT session on the same "
-        "exported per-task model.\n\n"
+        "exported per-task model (the script checks that both sessions have the same options: "
+        "threads, execution mode, optimization level, arena, spinning; and provider).\n\n"
         + table(["batch", "bare ORT (ms)", "bare CPU (ms)", f"default: {default} (ms)",
                  f"{default} CPU (ms)", "ratio", "<= 1.2x", f"{other} (ms)", f"{other} ratio"],
                 rows)
         + "\n" + latency_breakdown(rts["onnx"], bare, task, x1, quick)
     )
+
+
+def same_session_options(a, b) -> None:
+    """Refuse to compare sessions whose options differ (threads, execution mode, optimization
+    level, memory arena and patterns, spinning) or that run on other providers."""
+    oa, ob = a.get_session_options(), b.get_session_options()
+    attrs = ("intra_op_num_threads", "inter_op_num_threads", "execution_mode",
+             "graph_optimization_level", "enable_cpu_mem_arena", "enable_mem_pattern")
+    keys = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+
+    def entry(o, key: str) -> str | None:
+        try:
+            return o.get_session_config_entry(key)
+        except Exception:  # ORT raises for a key never set (its default applies)  # noqa: BLE001
+            return None
+
+    diff = [n for n in attrs if getattr(oa, n) != getattr(ob, n)]
+    diff += [k for k in keys if entry(oa, k) != entry(ob, k)]
+    if diff or a.get_providers() != b.get_providers():
+        raise RuntimeError(f"the bare and the runtime's sessions differ in {diff or 'providers'}")
 
 
 def latency_breakdown(rt, bare, task: str, x: np.ndarray, quick: bool) -> str:
