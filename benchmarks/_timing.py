@@ -160,14 +160,21 @@ class Paired:
 
 
 def paired(fa: Callable[[], object], fb: Callable[[], object], *, rounds: int, number: int,
-           warmup: int = 2) -> Paired:
-    """``number`` calls of ``fa`` then of ``fb``, ``rounds`` times (load hits both alike)."""
+           warmup: int = 2, settle: int = 0) -> Paired:
+    """``number`` calls of ``fa`` then of ``fb``, ``rounds`` times (load hits both alike).
+
+    ``settle``: untimed calls before each timed block. When both paths read more data than the
+    CPU caches hold for two (two sessions' weights), the first call after a switch reloads its
+    data from memory; that cost is the interleaving's, not the path's, and it would dilute the
+    ratio towards 1."""
     for _ in range(warmup):
         fa()
         fb()
     sa, sb = [], []
     for _ in range(rounds):
         for fn, out in ((fa, sa), (fb, sb)):
+            for _ in range(settle):
+                fn()
             s = measure(lambda fn=fn: [fn() for _ in range(number)])
             out.append(Sample(s.wall / number, s.cpu / number))
 

@@ -7,7 +7,8 @@ Every figure is a ratio against a baseline measured in the same run, on the same
 1. In-process latency of a cached task, batch 1 and 64: ``Runtime.predict`` (onnx backend) vs a
    bare ONNX Runtime session running the same exported per-task model with the same session
    options (goal: <= 1.2x). Timings are interleaved round by round (A, B, A, B, ...) and the
-   ratio is the median of the per-round ratios, so load from other processes hits both alike.
+   ratio is the median of the per-round ratios, so load from other processes hits both alike;
+   a breakdown of the batch-1 time by layer of ``Runtime.predict`` follows.
 2. Cold miss: generate and cache one task of the MLP 1000-1000 target (torch and onnx backends),
    next to a cached call.
 3. 1024 rows over 32 tasks vs 1024 rows of one task, throughput ratio (goal >= 0.7x), for the
@@ -45,6 +46,10 @@ CLASSES = 10
 BIG = [1000, 1000]  # the "MLP 1000-1000" target
 SMALL = [100, 100]
 TINY = [20, 20]
+# Untimed calls before each timed block of the latency runs: two sessions' weights (2 x 7 MiB)
+# did not stay in this machine's shared L3 together, and the first calls after a switch paid
+# ~0.2 ms each to reload them (1 settle call: bare 0.107 ms, 3 or more: 0.102-0.104 ms).
+SETTLE = 5
 
 
 # -- the HTTP baseline: a minimal BentoML service around one static ONNX model ----------------
@@ -121,6 +126,8 @@ def bench_latency(model, threads: int, quick: bool) -> str:
     data = graph.serialize(task, weights=model.generate([task])[0])
     bare = ort.InferenceSession(data, sess_options=session_options(threads),
                                 providers=["CPUExecutionProvider"])
+    rts["onnx"].predict(task, np.zeros((1, INPUT), np.float32))
+    same_session_options(bare, rts["onnx"].cache.get(task).session)
     rows = []
     for batch in (1, 64):
         x = np.random.default_rng(batch).uniform(0, 1, (batch, INPUT)).astype(np.float32)
@@ -133,7 +140,7 @@ def bench_latency(model, threads: int, quick: bool) -> str:
             return bare.run(["logits"], {"input": x})
 
         res = {b: timed(run_bare, lambda x=x, rt=rt: rt.predict(task, x), rounds=rounds,
-                        number=number) for b, rt in rts.items()}
+                        number=number, settle=SETTLE) for b, rt in rts.items()}
         d, o = res[default], res[other]
         ok = "yes" if d.ratio <= 1.2 else "NO"
         rows.append([batch, ms(d.a.wall), ms(d.a.cpu), ms(d.b.wall), ms(d.b.cpu),
@@ -141,16 +148,88 @@ def bench_latency(model, threads: int, quick: bool) -> str:
         print(f"latency batch {batch}: bare {ms(d.a.wall)} ms, runtime({default}, default) "
               f"{ms(d.b.wall)} ms ({d.ratio:.3f}x), runtime({other}) {ms(o.b.wall)} ms "
               f"({o.ratio:.3f}x)")
+    x1 = np.random.default_rng(1).uniform(0, 1, (1, INPUT)).astype(np.float32)
     return (
         f"**In-process latency, cached task** (MLP {INPUT}-{'-'.join(map(str, BIG))}-{CLASSES}, "
         f"{model.target.n_params:,} target parameters; ORT intra-op threads = {threads} for "
-        "every session; median over interleaved rounds; CPU = user + system ms per call). "
+        f"every session; median over interleaved rounds, each block of calls after {SETTLE} "
+        "untimed ones (the other session's weights left the CPU caches); CPU = user + system "
+        "ms per call). "
         f"**The default serving backend is `{default}`** (`ServingConfig.backend`); `{other}` "
         "is shown beside it. Goal: the default path <= 1.2x the bare ORT session on the same "
-        "exported per-task model.\n\n"
+        "exported per-task model (the script checks that both sessions have the same options: "
+        "threads, execution mode, optimization level, arena, spinning; and provider).\n\n"
         + table(["batch", "bare ORT (ms)", "bare CPU (ms)", f"default: {default} (ms)",
                  f"{default} CPU (ms)", "ratio", "<= 1.2x", f"{other} (ms)", f"{other} ratio"],
                 rows)
+        + "\n" + latency_breakdown(rts["onnx"], bare, task, x1, quick)
+    )
+
+
+def same_session_options(a, b) -> None:
+    """Refuse to compare sessions whose options differ (threads, execution mode, optimization
+    level, memory arena and patterns, spinning) or that run on other providers."""
+    oa, ob = a.get_session_options(), b.get_session_options()
+    attrs = ("intra_op_num_threads", "inter_op_num_threads", "execution_mode",
+             "graph_optimization_level", "enable_cpu_mem_arena", "enable_mem_pattern")
+    keys = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+
+    def entry(o, key: str) -> str | None:
+        try:
+            return o.get_session_config_entry(key)
+        except Exception:  # ORT raises for a key never set (its default applies)  # noqa: BLE001
+            return None
+
+    diff = [n for n in attrs if getattr(oa, n) != getattr(ob, n)]
+    diff += [k for k in keys if entry(oa, k) != entry(ob, k)]
+    if diff or a.get_providers() != b.get_providers():
+        raise RuntimeError(f"the bare and the runtime's sessions differ in {diff or 'providers'}")
+
+
+def latency_breakdown(rt, bare, task: str, x: np.ndarray, quick: bool) -> str:
+    """Where the onnx path's batch-1 time goes: the bare session and each layer of
+    ``Runtime.predict``, all interleaved in one run (bare, layer 1, layer 2, ..., round after
+    round, ``SETTLE`` untimed calls before each block as in ``paired``); each line includes
+    the lines above it, so the difference between lines is what that layer adds."""
+    from benchmarks._report import table
+    from benchmarks._timing import Sample, measure, median_ratio
+    from hnet_serve.serving.backends import _BOTH
+
+    session = rt.cache.get(task).session
+    number, rounds = (5, 5) if quick else (20, 41)
+    paths = {
+        "bare ORT session: `run([logits])`": lambda: bare.run(["logits"], {"input": x}),
+        "the task's cached session: `run([logits, probabilities])` (+ the Softmax node)":
+            lambda: session.run(_BOTH, {"input": x}),
+        "`Runtime.predict(task, x, validated=True)` (+ task lookup, cache hit, argmax, labels, "
+        "result)": lambda: rt.predict(task, x, validated=True),
+        "`Runtime.predict(task, x)` (+ input validation: dtype, shape, NaN/inf)":
+            lambda: rt.predict(task, x),
+    }
+    samples: dict[str, list[Sample]] = {label: [] for label in paths}
+    for _ in range(rounds):
+        for label, fn in paths.items():
+            for _ in range(SETTLE):  # this path's data back in cache
+                fn()
+            s = measure(lambda fn=fn: [fn() for _ in range(number)])
+            samples[label].append(Sample(s.wall / number, s.cpu / number))
+    base = next(iter(samples.values()))
+    bare_us = statistics.median(s.wall for s in base) * 1e6
+    rows, prev = [], 0.0
+    for label, got in samples.items():
+        ratio = median_ratio(base, got)
+        extra = (ratio - 1) * bare_us  # us over bare, from the per-round ratio
+        rows.append([label, ms(statistics.median(s.wall for s in got)), f"{ratio:.3f}",
+                     f"{extra:+.1f}", f"{extra - prev:+.1f}"])
+        prev = extra
+        print(f"breakdown: {label}: {ratio:.3f}x ({extra:+.1f} us)", flush=True)
+    return (
+        "**Where the default path's batch-1 time goes** (onnx backend, same model and session "
+        f"options; the four paths interleaved in one run, {number} calls per path per round "
+        f"after {SETTLE} untimed ones; each line includes the lines above; 'us over bare' = (median "
+        "per-round ratio - 1) x the bare time, 'adds' = the difference to the line above; "
+        "expect +-2 us of noise on a busy machine).\n\n"
+        + table(["path", "ms", "ratio vs bare", "us over bare", "adds (us)"], rows)
     )
 
 

@@ -15,7 +15,7 @@ from hnet_serve.serving import backends
 from hnet_serve.serving.config import ServingConfig, parse_bytes
 from hnet_serve.serving.runtime import Runtime
 from hnet_serve.targets import MLPConfig
-from hnet_serve.task_inference import infer_tasks, select_by_entropy
+from hnet_serve.task_inference import infer_tasks, select_by_entropy, softmax
 from tests.conftest import tiny_adapter_model, tiny_mlp_model, tiny_resnet_model
 
 # -- a model whose tasks are separable by construction ---------------------------------------
@@ -173,6 +173,56 @@ def test_max_rows_is_configurable():
     rt.predict("task-0", np.zeros((3, 12), np.float32))
     with pytest.raises(InputError, match="max_rows=3"):
         rt.predict("task-0", np.zeros((4, 12), np.float32))
+
+
+def test_float32_arrays_are_checked_in_place_and_odd_layouts_made_contiguous():
+    rt = Runtime(tiny_mlp_model())
+    x = np.random.default_rng(5).uniform(0, 1, (4, 12)).astype(np.float32)
+    assert rt.validate_inputs(x, "task-0") is x  # a request's own float32 rows: no copy
+    wide = np.repeat(x, 2, axis=1)  # (4, 24)
+    for arr in (wide[:, ::2], np.asfortranarray(x), x.astype(">f4"), np.asmatrix(x),
+                x.astype(np.float64), torch.from_numpy(x)):
+        got = rt.validate_inputs(arr, "task-0")
+        assert type(got) is np.ndarray and got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, x)
+    images = Runtime(tiny_resnet_model())
+    flat = np.random.default_rng(6).uniform(0, 1, (2, 192)).astype(np.float32)
+    got = images.validate_inputs(flat, "img-0")  # flat rows of (3, 8, 8) images: a view
+    assert got.shape == (2, 3, 8, 8) and np.shares_memory(got, flat)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 17, 47])  # the first, a middle and the last value
+def test_every_nonfinite_value_of_a_float32_array_is_found(where, bad):
+    rt = Runtime(tiny_mlp_model())
+    x = np.ones((4, 12), np.float32)
+    x.flat[where] = bad
+    with pytest.raises(InputError, match=f"NaN or inf \\(first in row {where // 12}\\)"):
+        rt.predict("task-0", x)
+
+
+@pytest.mark.parametrize(("backend", "onnx_softmax"),
+                         [("torch", True), ("onnx", True), ("onnx", False)])
+def test_probabilities_are_the_softmax_of_the_logits_on_every_path(backend, onnx_softmax):
+    rt = Runtime(tiny_mlp_model(), ServingConfig(backend=backend, onnx_softmax=onnx_softmax))
+    x = np.random.default_rng(7).normal(0, 3, (6, 12)).astype(np.float32)
+    pred = rt.predict("task-1", x)
+    logits = rt.task_logits("task-1", x)
+    np.testing.assert_allclose(pred.probabilities, softmax(logits), rtol=1e-6, atol=1e-7)
+    assert pred.probabilities.dtype == np.float32 and pred.probabilities.shape == (6, 3)
+    mixed = rt.predict_mixed(["task-1"] * 3 + ["task-0"] * 3, x)
+    alone = rt.predict("task-1", x[:3])
+    if backend == "onnx":
+        # With onnx_softmax the session computes the softmax in the same run, an output beside
+        # the logits; a request answers exactly alike whether the batcher ran it alone or with
+        # others. Without, the sessions hold the logits only and numpy computes the softmax.
+        outputs = rt.cache.get("task-1").session.get_outputs()
+        want = [("logits", ["batch", 3]), ("probabilities", ["batch", 3])]
+        assert [(o.name, o.shape) for o in outputs] == want[: 1 + onnx_softmax]
+        np.testing.assert_array_equal(mixed.probabilities[:3], alone.probabilities)
+        if not onnx_softmax:
+            np.testing.assert_array_equal(pred.probabilities, softmax(logits))
+    np.testing.assert_allclose(mixed.probabilities[:3], alone.probabilities, atol=1e-6)
 
 
 # -- mixed batches -----------------------------------------------------------------------------
@@ -385,8 +435,9 @@ def test_from_checkpoint_round_trip(tmp_path):
 @pytest.mark.parametrize("factory", [tiny_mlp_model, tiny_resnet_model])
 def test_torch_and_onnx_backends_agree(factory):
     model = factory(3)
-    torch_rt = Runtime(model)
+    torch_rt = Runtime(model, ServingConfig(backend="torch"))
     onnx_rt = Runtime(model, ServingConfig(backend="onnx", intra_op_threads=1))
+    assert torch_rt.backend.name == "torch"
     assert onnx_rt.backend.name == "onnx" and onnx_rt.backend.threads == 1
     shape = model.target_config.input_shape
     x = np.random.default_rng(4).uniform(0, 1, (6, *shape)).astype(np.float32)

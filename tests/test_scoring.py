@@ -19,7 +19,7 @@ import pytest
 from hnet_serve.checkpoint import save_checkpoint
 from hnet_serve.cli import main
 from hnet_serve.errors import ConfigError, InputError, UnknownTaskError
-from hnet_serve.scoring.scorer import Scorer, ScoringConfig, score_batch, score_file
+from hnet_serve.scoring.scorer import Scorer, ScoringConfig, runtime_for, score_batch, score_file
 from hnet_serve.scoring.writers import npy_output_dtype
 from hnet_serve.serving.runtime import Runtime
 from tests.conftest import tiny_mlp_model, tiny_resnet_model
@@ -483,6 +483,15 @@ def test_onnx_backend_gives_the_same_predictions(tmp_path, ckpt, rt, x):
                progress=False)
     np.testing.assert_array_equal(np.load(tmp_path / "o.npy")["prediction"],
                                   rt.predict("task-0", x).predictions)
+
+
+def test_scoring_sessions_compute_no_probabilities_they_may_not_write(ckpt):
+    # ORT runs every node of a graph whatever outputs are fetched: the service's sessions carry
+    # a softmax output, the scorer's (probabilities are written on request only) do not
+    runtime = runtime_for(ckpt, ScoringConfig(backend="onnx"))
+    assert not runtime.config.onnx_softmax
+    outputs = runtime.cache.get("task-0").session.get_outputs()
+    assert [o.name for o in outputs] == ["logits"]
 
 
 # -- constant memory ----------------------------------------------------------------------

@@ -181,9 +181,11 @@ def runtime_for(checkpoint: Runtime | str | os.PathLike, config: ScoringConfig) 
 
     if isinstance(checkpoint, Runtime):
         return checkpoint
-    # A batch-sized row limit: the service's max_rows guards requests, not files.
+    # A batch-sized row limit: the service's max_rows guards requests, not files. Sessions
+    # without the softmax output: probabilities are computed only when they are written.
     return Runtime.from_checkpoint(checkpoint, backend=config.backend, max_rows=config.batch_size,
-                                   intra_op_threads=config.threads, device=config.device)
+                                   intra_op_threads=config.threads, device=config.device,
+                                   onnx_softmax=False)
 
 
 # -- in-memory batches --------------------------------------------------------------------

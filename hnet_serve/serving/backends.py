@@ -14,7 +14,10 @@
   initializers.
 
 Both generate every missing task of a cache load in one batched hypernetwork pass, and both
-return float32 numpy logits already cut to each task's own classes.
+return float32 numpy logits already cut to each task's own classes; ``outputs`` adds each
+group's probabilities, which the onnx backend's sessions compute in the same run (a ``Softmax``
+node appended to the task's graph: 1-2 us at batch 1 where numpy's took 5-8 us; off with
+``ServingConfig.onnx_softmax``, as batch scoring does; docs/benchmarks.md, "Serving").
 
 **Devices and dtypes.** Both run where the model is (``ServingConfig.device``): the torch backend
 keeps its cached weights on that device, the onnx backend asks ONNX Runtime for its CUDA
@@ -46,6 +49,7 @@ from hnet_serve.registry import TaskInfo
 from hnet_serve.serving.packed import PackedLayer, can_pack, pack, run_packed
 from hnet_serve.serving.packed import nbytes as packed_nbytes
 from hnet_serve.targets import MLPTarget
+from hnet_serve.task_inference import softmax
 
 # Stacking K tasks' MLP weights for one bmm copies K * n_params floats; it pays off only while
 # that copy is cheaper than K small per-task matmul chains (a few torch ops each). Measured on
@@ -96,6 +100,11 @@ class Backend(Protocol):
     def nbytes(self, entry: Any) -> int: ...
 
     def logits(self, entries: Sequence[Any], groups: Sequence[Group]) -> list[np.ndarray]: ...
+
+    def outputs(self, entries: Sequence[Any], groups: Sequence[Group]
+                ) -> list[tuple[np.ndarray, np.ndarray]]: ...
+
+    def output(self, entry: Any, group: Group) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 # -- generation ---------------------------------------------------------------------------
@@ -277,6 +286,15 @@ class TorchBackend:
             transposed=isinstance(self.model.target, MLPTarget),
         )
 
+    def outputs(self, entries: Sequence[TorchEntry], groups: Sequence[Group]
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each group's ``(logits, probabilities)``, both ``(B_g, num_classes_g)``."""
+        return [(z, softmax(z)) for z in self.logits(entries, groups)]
+
+    def output(self, entry: TorchEntry, group: Group) -> tuple[np.ndarray, np.ndarray]:
+        """One group's ``(logits, probabilities)``."""
+        return self.outputs([entry], [group])[0]
+
 
 # -- ONNX Runtime -------------------------------------------------------------------------
 def default_threads() -> int:
@@ -306,6 +324,26 @@ def session_options(threads: int | None = None, *, spinning: bool | None = None)
     return opts
 
 
+# The serving sessions' outputs: the task graph's logits and their softmax (with_probabilities).
+LOGITS, PROBABILITIES = "logits", "probabilities"
+_LOGITS, _BOTH = [LOGITS], [LOGITS, PROBABILITIES]
+
+
+def with_probabilities(proto: Any) -> Any:
+    """``proto`` (a task graph, output ``logits (B, C)``), changed in place, with a second
+    output ``probabilities``: their softmax (``axis=1`` reads alike in every opset for 2-D)."""
+    from onnx import helper
+
+    graph = proto.graph
+    (logits,) = [o for o in graph.output if o.name == LOGITS]
+    graph.node.append(helper.make_node("Softmax", [LOGITS], [PROBABILITIES], axis=1,
+                                       name="hnet_serve.softmax"))
+    probs = graph.output.add()
+    probs.CopyFrom(logits)  # same type and shape: (batch, num_classes) float32
+    probs.name = PROBABILITIES
+    return proto
+
+
 @dataclass
 class OnnxEntry:
     """What the onnx backend caches for a task: its session and the serialized model's size."""
@@ -320,7 +358,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, model: HNetModel, *, threads: int | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, probabilities: bool = True) -> None:
         try:
             from hnet_serve.onnx_graph import TaskGraph
         except ImportError as exc:  # pragma: no cover - depends on the export module
@@ -330,13 +368,15 @@ class OnnxBackend:
         self.graph = TaskGraph.build(model)  # traced once
         self._options = session_options(self.threads)
         self.providers = onnx_providers(device or torch.device("cpu"))
+        self.probabilities = probabilities  # sessions output them too (with_probabilities)
 
     def build(self, names: list[str]) -> list[OnnxEntry]:
         import onnxruntime as ort
 
         entries = []
         for name, w in zip(names, generate_weights(self.model, names)):
-            data = self.graph.serialize(name, weights=w)
+            proto = self.graph.model_proto(name, weights=w)
+            data = (with_probabilities(proto) if self.probabilities else proto).SerializeToString()
             session = ort.InferenceSession(
                 data, sess_options=self._options, providers=self.providers
             )
@@ -348,11 +388,25 @@ class OnnxBackend:
         return entry.nbytes
 
     def logits(self, entries: Sequence[OnnxEntry], groups: Sequence[Group]) -> list[np.ndarray]:
-        out = []
-        for entry, g in zip(entries, groups):
-            (y,) = entry.session.run(["logits"], {"input": g.x})
-            out.append(np.asarray(y[:, : g.info.num_classes], dtype=np.float32))
-        return out
+        # The task graph gathers the task's own columns: its logits are (B, num_classes) float32.
+        # ORT runs the softmax node even when only the logits are fetched: batch scoring builds
+        # its sessions without one (ServingConfig.onnx_softmax).
+        return [entry.session.run(_LOGITS, {"input": g.x})[0]
+                for entry, g in zip(entries, groups)]
+
+    def outputs(self, entries: Sequence[OnnxEntry], groups: Sequence[Group]
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each group's ``(logits, probabilities)`` from one session run."""
+        return [self.output(e, g) for e, g in zip(entries, groups)]
+
+    def output(self, entry: OnnxEntry, group: Group) -> tuple[np.ndarray, np.ndarray]:
+        """One group's ``(logits, probabilities)`` from one session run (the batch-1 path:
+        nothing but the run), or the logits and numpy's softmax without ``probabilities``."""
+        if not self.probabilities:
+            (logits,) = entry.session.run(_LOGITS, {"input": group.x})
+            return logits, softmax(logits)
+        logits, probs = entry.session.run(_BOTH, {"input": group.x})
+        return logits, probs
 
 
 def onnx_providers(device: torch.device) -> list[Any]:
@@ -367,15 +421,15 @@ def onnx_providers(device: torch.device) -> list[Any]:
 
 
 def make_backend(name: str, model: HNetModel, *, threads: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | None = None
-                 ) -> Backend:
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                 onnx_softmax: bool = True) -> Backend:
     if name == "torch":
         return TorchBackend(model, dtype=dtype)
     if name == "onnx":
         if dtype != torch.float32:
             raise ConfigError("cache_dtype bfloat16 needs backend 'torch' (the onnx backend's "
                               "sessions run float32 graphs); use --backend torch")
-        return OnnxBackend(model, threads=threads, device=device)
+        return OnnxBackend(model, threads=threads, device=device, probabilities=onnx_softmax)
     raise ConfigError(f"backend must be 'torch' or 'onnx', got {name!r}")
 
 

@@ -78,6 +78,11 @@ class ServingConfig(BaseModel):
     device: DeviceName = "auto"
     # the dtype cached weights are stored and multiplied in (torch backend; docs/serving.md)
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    # onnx backend: each task's session also outputs the softmax of its logits, so one run
+    # answers a request (numpy's softmax cost 5-8 us at batch 1). ORT runs every node whatever
+    # the outputs asked for, so batch scoring, which writes probabilities only on request,
+    # builds its sessions without it.
+    onnx_softmax: bool = True
 
     @field_validator("cache_bytes", "max_request_bytes", mode="before")
     @classmethod

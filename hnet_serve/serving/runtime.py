@@ -39,6 +39,7 @@ STEP_BYTES = 64 * MiB
 # Inputs of at most this many values are checked for NaN/inf with np.isfinite (no floating-point
 # state to save and restore); larger ones with one dot product (see validate_inputs).
 _SMALL_VALUES = 1 << 16
+_FLOAT32 = np.dtype(np.float32)
 
 @dataclass
 class Prediction:
@@ -102,6 +103,27 @@ def _refuse_booleans(inputs: Any, arr: np.ndarray) -> None:
             raise InputError(f"inputs must be numbers, got a boolean in row {i}")
 
 
+def _as_array(inputs: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """``inputs`` (nested lists, a tensor, an array of any numeric dtype) as a numeric array;
+    :class:`InputError` for ragged rows, non-numbers and booleans (shapes are checked later)."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs.detach().cpu().numpy()
+    try:
+        arr = np.asarray(inputs)  # an array subclass (np.matrix, ...) as a plain ndarray view
+    except (ValueError, TypeError):
+        arr = None
+    if arr is None or arr.dtype == object:
+        raise InputError(
+            "inputs must be a list of numeric rows of equal length "
+            f"(each row shaped {list(shape)} or flat with {math.prod(shape)} values)"
+        )
+    if arr.dtype.kind not in "iuf":
+        raise InputError(f"inputs must be numbers, got {arr.dtype.name} values")
+    if arr.ndim > 0:
+        _refuse_booleans(inputs, arr)
+    return arr
+
+
 # -- the runtime --------------------------------------------------------------------------
 class Runtime:
     """Routes rows to tasks and runs them through a cached backend; thread-safe."""
@@ -133,7 +155,8 @@ class Runtime:
         self.dtype = resolve_dtype(self.config.cache_dtype)
         model.to(self.device)
         self.backend = make_backend(self.config.backend, model, threads=threads,
-                                    dtype=self.dtype, device=self.device)
+                                    dtype=self.dtype, device=self.device,
+                                    onnx_softmax=self.config.onnx_softmax)
         self.cache: WeightCache[Any] = WeightCache(
             self.backend.build,
             capacity_bytes=self.config.cache_bytes,
@@ -188,41 +211,40 @@ class Runtime:
         Accepts a list (or array) of rows, each shaped like the task's input or flattened.
         """
         shape = self.task(task).input_shape if task is not None else self._input_shape
-        size = math.prod(shape)
-        if isinstance(inputs, torch.Tensor):
-            inputs = inputs.detach().cpu().numpy()
-        if isinstance(inputs, np.ndarray) and inputs.dtype == np.float32:
+        return self._validate(inputs, shape)
+
+    def _validate(self, inputs: Any, shape: tuple[int, ...]) -> np.ndarray:
+        # A float32 array (what in-process callers and the service's decoders hand in) goes
+        # straight to the shape and finiteness checks: at batch 1 every attribute lookup and
+        # numpy call here is a visible share of the request (docs/benchmarks.md, "Serving").
+        if type(inputs) is np.ndarray and inputs.dtype is _FLOAT32:
             arr = inputs
         else:
-            ragged = InputError(
-                "inputs must be a list of numeric rows of equal length "
-                f"(each row shaped {list(shape)} or flat with {size} values)"
-            )
-            try:
-                arr = np.asarray(inputs)
-            except (ValueError, TypeError):
-                raise ragged from None
-            if arr.dtype == object:
-                raise ragged
-            if arr.dtype.kind not in "iuf":
-                raise InputError(f"inputs must be numbers, got {arr.dtype.name} values")
-            if arr.ndim > 0:
-                _refuse_booleans(inputs, arr)
-        if arr.ndim == 0 or arr.shape[0] == 0:
+            arr = _as_array(inputs, shape)
+        dims = arr.shape
+        n = dims[0] if dims else 0
+        if n == 0:
             raise InputError("inputs must hold at least one row")
-        n = arr.shape[0]
         if n > self.config.max_rows:
             raise InputError(f"too many rows: {n} > max_rows={self.config.max_rows}")
-        if arr.shape[1:] != tuple(shape) and arr.shape[1:] != (size,):
-            raise InputError(
-                f"each row must have shape {list(shape)} (or {size} flat values), "
-                f"got rows of shape {list(arr.shape[1:])}"
-            )
-        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(n, *shape)
-        flat = arr.reshape(-1)
-        if flat.size <= _SMALL_VALUES:  # a request: one pass, no temporaries worth avoiding
-            finite = bool(np.isfinite(flat).all())
+        row = dims[1:]
+        if row != shape:
+            size = math.prod(shape)
+            if row != (size,):
+                raise InputError(
+                    f"each row must have shape {list(shape)} (or {size} flat values), "
+                    f"got rows of shape {list(row)}"
+                )
+            arr = arr.reshape(n, *shape)
+        if arr.dtype is not _FLOAT32 or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.size <= _SMALL_VALUES:  # a request: one pass, no temporaries worth avoiding
+            # argmin (C code) finds the first False, if any; .all() goes through a Python
+            # wrapper: 2.0 vs 4.0 us at batch 1 right after a run has emptied the CPU caches
+            finite_each = np.isfinite(arr)
+            finite = finite_each.item(finite_each.argmin())
         else:
+            flat = arr.reshape(-1)  # a view: arr is contiguous
             # One BLAS dot product of the rows with themselves: a sum of squares has no
             # negative terms, so NaN and inf cannot cancel and a finite result means every
             # value is finite (8x cheaper than a float64 sum on 2 MiB slices). Squares above
@@ -245,16 +267,13 @@ class Runtime:
         if task is None:
             return self._infer(inputs if validated else self.validate_inputs(inputs))
         info = self.task(task)
-        x = inputs if validated else self.validate_inputs(inputs, task)
-        entry = self.cache.get(task)
-        (logits,) = self.backend.logits([entry], [Group(info, x)])
-        probs = softmax(logits)
+        x = inputs if validated else self._validate(inputs, info.input_shape)
+        logits, probs = self.backend.output(self.cache.get(task), Group(info, x))
         # argmax of the logits, not of the rounded probabilities: near-ties stay decided alike
         # on every path (batch scoring never computes probabilities it does not write)
         preds = logits.argmax(1)
-        names = self._class_names[task]
-        return Prediction([task] * x.shape[0], preds, probs, inferred=False,
-                          labels=[names[p] for p in preds.tolist()])
+        return Prediction([task] * len(x), preds, probs, inferred=False,
+                          labels=list(map(self._class_names[task].__getitem__, preds.tolist())))
 
     def task_logits(self, task: str, inputs: Any, *, validated: bool = False) -> np.ndarray:
         """Raw logits ``(N, C_task)`` of every row under ``task``: :meth:`predict` without the
@@ -294,9 +313,11 @@ class Runtime:
         if names:
             idx = [rows_by_task[t] for t in names]
             groups = [Group(infos[t], x[r] if len(r) < n else x) for t, r in zip(names, idx)]
-            logits = self._logits(names, groups)
-            for t, r, z in zip(names, idx, logits):
-                parts.append((r, softmax(z)))
+            # probabilities as predict() computes them (a request answers the same whether
+            # the batcher ran it alone or with others)
+            outputs = self._logits(names, groups, probabilities=True)
+            for t, r, (z, p) in zip(names, idx, outputs):
+                parts.append((r, p))
                 preds[r] = z.argmax(1)
                 out_tasks[r] = t
         if None in rows_by_task:
@@ -318,14 +339,17 @@ class Runtime:
                           labels=self.labels_of(tasks_out, preds),
                           task_confidence=every if conf is not None else None)
 
-    def _logits(self, names: list[str], groups: list[Group]) -> list[np.ndarray]:
+    def _logits(self, names: list[str], groups: list[Group], *, probabilities: bool = False
+                ) -> list[Any]:
         """Each group's logits under its task (``names`` unique), in steps of at most
-        ``STEP_BYTES`` of weights; each step's missing tasks are generated in one batched call."""
-        out: list[np.ndarray] = []
+        ``STEP_BYTES`` of weights; each step's missing tasks are generated in one batched call.
+        ``probabilities``: each group's ``(logits, probabilities)`` (``backend.outputs``)."""
+        run = self.backend.outputs if probabilities else self.backend.logits
+        out: list[Any] = []
         for i in range(0, len(names), self._step_tasks):
             step = names[i : i + self._step_tasks]
             entries = self.cache.get_many(step)
-            out += self.backend.logits([entries[t] for t in step], groups[i : i + len(step)])
+            out += run([entries[t] for t in step], groups[i : i + len(step)])
             del entries  # released before the next step is generated
         return out
 
