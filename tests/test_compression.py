@@ -117,3 +117,27 @@ def test_adapter_rank_flag(capsys, tmp_path, value, ok):
     if rank:  # trained: every task's correction moved away from its zero start
         for row in hn.task_embs:
             assert row[hn.code_dim:hn.code_dim + 100 * rank].abs().sum() > 0
+
+
+def test_add_task_keeps_old_corrections_and_trains_a_new_one(capsys, tmp_path):
+    import numpy as np
+    import torch
+
+    from hnet_serve.training.data import build_benchmark
+
+    run_json(capsys, "train", *FAST, "--adapter-rank", "4", "--out", tmp_path / "v1", "--json")
+    new = build_benchmark("split-mnist", "mnist5k", tasks=3, seed=0)[2]
+    np.savez(tmp_path / "c.npz", x_train=new.x_train, y_train=new.y_train, x_test=new.x_test,
+             y_test=new.y_test)
+    code, _, err = run(capsys, "add-task", tmp_path / "v1", "--name", "c", "--data",
+                       tmp_path / "c.npz", "--iterations", "15", "--out", tmp_path / "v2",
+                       "--force")  # 15-step tasks: the drift check is not what this tests
+    assert code == 0, err
+    v1, v2 = load_checkpoint(tmp_path / "v1"), load_checkpoint(tmp_path / "v2")
+    assert v2.hypernet_config.adapter_rank == 4
+    hn1, hn2 = v1.hypernet, v2.hypernet
+    for a, b in zip(hn1.task_embs, hn2.task_embs):  # old rows, corrections included: frozen
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    u = hn2.task_embs[2][hn2.code_dim:hn2.code_dim + 100 * 4]
+    assert u.abs().sum() > 0  # the new task's correction was trained from zero
+    assert stored_params(v2).total == stored_params(v1).total + hn2.emb_dim + 2  # + its mean/std
