@@ -97,6 +97,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "derived-1.0-lr5e-4": ("derived-1.0 with Adam lr 5e-4", {"lr": 5e-4, "derive": {"ratio": 1.0}}),
     "independent-1000": ("one fresh MLP 1000-1000 per task (the paper's PermutedMNIST target)",
                          {"method": "independent", **_T1000}),
+    "independent-1000-lr5e-4": ("one fresh MLP 1000-1000 per task, Adam lr 5e-4",
+                                {"method": "independent", "lr": 5e-4, **_T1000}),
     "derived-1.0-t1000": ("MLP 1000-1000 target, sizes from `derive_hypernet(n, tasks, 1.0)`",
                           {**_T1000, "derive": {"ratio": 1.0}}),
     "default-a0": (("today's default sizes (derived from --compression 1.0), no private "
@@ -126,6 +128,26 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                            "auto"), {**_T1000, "hypernet": {"adapter_rank": "auto"}}),
     "default-1000-auto-p10-lr2e-3": ("default-1000-auto sized for 10 tasks, Adam lr 2e-3",
                                      {**_T1000, "planned_tasks": 10, "lr": 2e-3,
+                                      "hypernet": {"adapter_rank": "auto"}}),
+    "default-300-auto-p10": ("MLP 300-300 target, default sizes (auto) for 10 tasks",
+                             {**_T300, "planned_tasks": 10, "hypernet": {"adapter_rank": "auto"}}),
+    "default-300-auto-p10-lr5e-4": ("default-300-auto-p10 with Adam lr 5e-4",
+                                    {**_T300, "planned_tasks": 10, "lr": 5e-4,
+                                     "hypernet": {"adapter_rank": "auto"}}),
+    "default-p10-lr5e-4": ("today's default sizes for 10 tasks, Adam lr 5e-4",
+                           {"planned_tasks": 10, "lr": 5e-4}),
+    "default-p10": ("today's default sizes for 10 tasks", {"planned_tasks": 10}),
+    "default-1000-auto-e256": ("default-1000-auto with 256-dim task embeddings",
+                               {**_T1000, "hypernet": {"adapter_rank": "auto",
+                                                       "task_emb_dim": 256}}),
+    "default-1000-auto-beta0.01": ("default-1000-auto with beta 0.01",
+                                   {**_T1000, "beta": 0.01, "hypernet": {"adapter_rank": "auto"}}),
+    "default-1000-a80-lr5e-4": ("MLP 1000-1000 target, rank-80 corrections, Adam lr 5e-4",
+                                {**_T1000, "lr": 5e-4, "hypernet": {"adapter_rank": 80}}),
+    "default-1000-auto-lr5e-4": ("default-1000-auto with Adam lr 5e-4",
+                                 {**_T1000, "lr": 5e-4, "hypernet": {"adapter_rank": "auto"}}),
+    "default-1000-auto-p10-lr5e-4": ("default-1000-auto sized for 10 tasks, Adam lr 5e-4",
+                                     {**_T1000, "planned_tasks": 10, "lr": 5e-4,
                                       "hypernet": {"adapter_rank": "auto"}}),
     "default-1000-auto-p10": ("default-1000-auto sized for 10 tasks (screening on fewer)",
                               {**_T1000, "planned_tasks": 10,
@@ -227,7 +249,8 @@ def summarize(raw: dict[str, dict[str, Any]]) -> str:
             rows = []
             refs = {}  # target widths -> mean accuracy of independent networks
             for (b, t, s_, v), rs in groups.items():
-                if (b, t, s_) == (bench, tasks_n, steps) and v.startswith("independent"):
+                if ((b, t, s_) == (bench, tasks_n, steps) and v.startswith("independent")
+                        and "-lr" not in v):  # the reference: Adam lr 1e-3
                     refs[str(rs[0]["config"]["target"]["hidden"])] = np.mean(
                         [100 * r["mean_accuracy"] for r in rs])
             names = sorted((v for (b, t, s, v) in groups if (b, t, s) == (bench, tasks_n, steps)),
@@ -262,12 +285,16 @@ def summarize(raw: dict[str, dict[str, Any]]) -> str:
         "## Capacity: compressive hypernetworks vs one network per task "
         "(`benchmarks/bench_capacity.py`)\n\n"
         "Target MLP 100-100 (Permuted Fashion-MNIST: 89,610 weights) unless the variant says "
-        "300-300 (328,810); \"vs independent\" compares with independent networks of the same "
-        "target. "
+        "300-300 (328,810) or 1000-1000 (1,796,010); \"vs independent\" compares with "
+        "independent networks of the same target. Variants named `default*` build the model "
+        "the way `hnet-serve train` does (sizes derived from --compression 1.0 for the planned "
+        "tasks, private first-layer corrections of the rank named, or `auto`). "
         "Batch 128, Adam lr 1e-3, the same steps per task for every method; hypernetwork beta "
         "0.05 (PFMNIST) / 0.01 (SplitMNIST) unless the variant says otherwise. "
         "Stored = everything the checkpoint keeps (shared weights, chunk embeddings, every "
-        "task's embedding row with its per-chunk codes, per-task buffers). Mean ± std over "
+        "task's embedding row with its per-chunk codes and private corrections, per-task "
+        "buffers). Rows with fewer tasks than the benchmark's are screening runs (a "
+        "`-p10` variant is sized for 10 planned tasks). Mean ± std over "
         f"seeds (population std). Machine: {machine()}; wall times come from a machine shared "
         "with other jobs (2-5x swings), so compare them only roughly.\n\n"
         + legend + "\n\n" + "\n".join(out)
