@@ -54,6 +54,8 @@ def test_a_target_too_small_to_compress(capsys, tmp_path):
     with pytest.warns(UserWarning, match="no compressive hypernetwork fits"):
         code, _, err = run(capsys, "train", *tiny, "--out", tmp_path / "b")
     assert code == 0
+    # no budget to size them from: the preset's auto corrections are left out
+    assert load_checkpoint(tmp_path / "b").hypernet_config.adapter_rank == 0
 
 
 def test_every_old_task_is_regularized_by_default_and_subsets_are_opt_in():

@@ -95,10 +95,13 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
     with torch.device("meta"):  # only the parameter counts: allocate nothing
         net = build_target(target)
     tasks = config.planned_tasks or num_tasks
-    _, out, fan_in = adapter_site(list(net.param_shapes.values()))
     derive = (config.compression is not None and hn.kind == "chunked" and hn.layout == "flat"
               and "chunk_size" not in hn.model_fields_set)
-    if hn.adapter_rank == "auto":  # sized with the hypernetwork, or none
+    auto = hn.adapter_rank == "auto"
+    out = fan_in = 0
+    if derive:
+        _, out, fan_in = adapter_site(list(net.param_shapes.values()))
+    if auto:  # sized with the hypernetwork, or none
         rank = min(ADAPTER_MAX_RANK, min(out, fan_in) // 2, math.floor(
             ADAPTER_SHARE * config.compression * net.n_params / (tasks * (out + fan_in)))
         ) if derive else 0
@@ -121,7 +124,7 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
         warnings.warn(f"no compressive hypernetwork fits this target: {exc}; training a "
                       "non-compressive one (`hnet-serve info` shows its stored size)",
                       stacklevel=2)
-        return hn
+        return hn.model_copy(update={"adapter_rank": 0}) if auto else hn
     return hn.model_copy(update={"chunk_size": derived.chunk_size})
 
 
