@@ -144,6 +144,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                    {**_T1000, "beta": 0.01, "hypernet": {"adapter_rank": "auto"}}),
     "default-1000-a80-lr5e-4": ("MLP 1000-1000 target, rank-80 corrections, Adam lr 5e-4",
                                 {**_T1000, "lr": 5e-4, "hypernet": {"adapter_rank": 80}}),
+    "default-300-auto-l2": ("MLP 300-300 target, auto corrections on the first two layers (rank 9)",
+                            {**_T300, "hypernet": {"adapter_rank": "auto", "adapter_layers": 2}}),
+    "default-1000-auto-l2": (("default-1000-auto with corrections on the first two layers "
+                              "(rank 23)"), {**_T1000, "hypernet": {"adapter_rank": "auto",
+                                                                      "adapter_layers": 2}}),
     "default-1000-auto-lr5e-4": ("default-1000-auto with Adam lr 5e-4",
                                  {**_T1000, "lr": 5e-4, "hypernet": {"adapter_rank": "auto"}}),
     "default-1000-auto-p10-lr5e-4": ("default-1000-auto sized for 10 tasks, Adam lr 5e-4",

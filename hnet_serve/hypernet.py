@@ -68,6 +68,8 @@ class HypernetConfig(BaseModel):
     adapter_rank: Annotated[int, Field(ge=0, le=4096)] | Literal["auto"] = 0
     # Initial std of ``V`` (None: 1/sqrt(fan_in)); ``U`` starts at zero.
     adapter_v_std: float | None = Field(default=None, gt=0)
+    # How many of the target's leading weight tensors get a correction of that rank.
+    adapter_layers: int = Field(default=1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _check(self):
@@ -96,15 +98,25 @@ def column_chunks(param_shapes: Sequence[Sequence[int]]) -> list[tuple[int, int]
     return out
 
 
-def adapter_site(param_shapes: Sequence[Sequence[int]]) -> tuple[int, int, int]:
-    """``(offset, out, fan_in)`` of the first weight tensor (``(out, in, *k)``) in the target's
-    flat weight vector: where a task's private low-rank correction (``adapter_rank``) goes."""
-    offset = 0
+def adapter_sites(param_shapes: Sequence[Sequence[int]], layers: int = 1
+                  ) -> list[tuple[int, int, int]]:
+    """``(offset, out, fan_in)`` of the first ``layers`` weight tensors (``(out, in, *k)``) in
+    the target's flat weight vector: where a task's private low-rank corrections
+    (``adapter_rank``) go."""
+    sites, offset = [], 0
     for shape in param_shapes:
-        if len(shape) >= 2:
-            return offset, int(shape[0]), math.prod(int(x) for x in shape[1:])
+        if len(shape) >= 2 and len(sites) < layers:
+            sites.append((offset, int(shape[0]), math.prod(int(x) for x in shape[1:])))
         offset += math.prod(shape)
-    raise InputError("adapter_rank needs a target with a weight matrix")
+    if len(sites) < layers:
+        raise InputError(f"adapter_layers={layers} needs a target with that many weight "
+                         f"matrices, it has {len(sites)}")
+    return sites
+
+
+def adapter_site(param_shapes: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    """``(offset, out, fan_in)`` of the first weight tensor (see :func:`adapter_sites`)."""
+    return adapter_sites(param_shapes)[0]
 
 
 class HyperNetwork(nn.Module):
@@ -150,14 +162,14 @@ class HyperNetwork(nn.Module):
                    if self._blocks else torch.ones(self.num_chunks))
         self.register_buffer("chunk_scale", scale_t, persistent=False)  # (C,)
         # (offset, out, fan_in) of the tensor each task corrects privately (adapter_rank > 0)
-        self._adapter: tuple[int, int, int] | None = None
+        self._adapters: list[tuple[int, int, int]] = []
         if config.adapter_rank == "auto":
             raise InputError("adapter_rank 'auto' is sized from a stored-size budget when "
                              "training builds the model; give a number here")
         if config.adapter_rank:
             if param_shapes is None:
                 raise InputError("adapter_rank needs the target's param_shapes")
-            self._adapter = adapter_site(param_shapes)
+            self._adapters = adapter_sites(param_shapes, config.adapter_layers)
         if config.kind == "chunked":
             ce = config.chunk_emb_dim
             shape = (self.num_chunks, ce)  # (C, ce)
@@ -221,11 +233,8 @@ class HyperNetwork(nn.Module):
 
     @property
     def adapter_dim(self) -> int:
-        """Numbers of one task's private correction ``U (out, r)``, ``V (r, fan_in)`` (or 0)."""
-        if self._adapter is None:
-            return 0
-        _, out, fan_in = self._adapter
-        return self.config.adapter_rank * (out + fan_in)
+        """Numbers of one task's private corrections ``U (out, r)``, ``V (r, fan_in)`` (or 0)."""
+        return sum(self.config.adapter_rank * (out + fan_in) for _, out, fan_in in self._adapters)
 
     @property
     def emb_dim(self) -> int:
@@ -246,9 +255,8 @@ class HyperNetwork(nn.Module):
         dim = self.emb_dim
         if embedding is None:
             embedding = torch.randn(self.code_dim, generator=generator) * self.config.emb_init_std
-            if self._adapter is not None:  # U = 0 (the task starts from the generated
-                # weights), V ~ N(0, 1/fan_in) as a layer's input projection
-                _, out, fan_in = self._adapter
+            for _, out, fan_in in self._adapters:  # U = 0 (the task starts from the
+                # generated weights), V ~ N(0, 1/fan_in) as a layer's input projection
                 v = torch.randn(self.config.adapter_rank * fan_in, generator=generator)
                 std = self.config.adapter_v_std or 1 / math.sqrt(fan_in)
                 embedding = torch.cat([embedding, torch.zeros(self.config.adapter_rank * out),
@@ -337,15 +345,18 @@ class HyperNetwork(nn.Module):
         """Generated weights ``(K, n_params)`` plus each task's private ``U V`` on its first
         weight tensor (unchanged without adapters). Old tasks' rows are frozen, so the
         correction is a constant the output regularizer need not see."""
-        if self._adapter is None:
+        if not self._adapters:
             return flat
-        offset, out, fan_in = self._adapter
         r, k, c = self.config.adapter_rank, emb.shape[0], self.code_dim
-        u = emb[:, c : c + out * r].reshape(k, out, r)
-        v = emb[:, c + out * r :].reshape(k, r, fan_in)
-        end = offset + out * fan_in
-        return torch.cat([flat[:, :offset], flat[:, offset:end] + (u @ v).reshape(k, -1),
-                          flat[:, end:]], dim=1)
+        parts, done = [], 0  # done: flat columns already in parts
+        for offset, out, fan_in in self._adapters:
+            u = emb[:, c : c + out * r].reshape(k, out, r)
+            v = emb[:, c + out * r : c + r * (out + fan_in)].reshape(k, r, fan_in)
+            c += r * (out + fan_in)
+            end = offset + out * fan_in
+            parts += [flat[:, done:offset], flat[:, offset:end] + (u @ v).reshape(k, -1)]
+            done = end
+        return torch.cat([*parts, flat[:, done:]], dim=1)
 
     def generate(self, task_ids: list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Weights for stored tasks: ``(K, n_params)``; row k equals generating task k alone."""

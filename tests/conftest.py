@@ -32,13 +32,15 @@ def tiny_mlp_model(
     layout: str = "flat",
     task_chunk_emb_dim: int = 0,
     adapter_rank: int = 0,
+    adapter_layers: int = 1,
 ) -> HNetModel:
     """A small MLP target with a chunked (truncated last chunk) or full hypernetwork."""
     model = HNetModel(
         MLPConfig(input_shape=(input_size,), hidden=list(hidden), num_classes=num_classes),
         HypernetConfig(kind=kind, hidden=[10, 10], task_emb_dim=6, chunk_emb_dim=4,
                        chunk_size=chunk_size, layout=layout,
-                       task_chunk_emb_dim=task_chunk_emb_dim, adapter_rank=adapter_rank),
+                       task_chunk_emb_dim=task_chunk_emb_dim, adapter_rank=adapter_rank,
+                       adapter_layers=adapter_layers),
         seed=seed,
     )
     for i in range(n_tasks):
@@ -46,10 +48,12 @@ def tiny_mlp_model(
     return model
 
 
-def tiny_adapter_model(n_tasks: int = 3, *, seed: int = 0, kind: str = "chunked") -> HNetModel:
-    """The tiny MLP whose tasks each keep a rank-2 private correction of the first layer,
-    set to non-zero values as after training (a fresh task's ``U`` is zero)."""
-    model = tiny_mlp_model(n_tasks, adapter_rank=2, seed=seed, kind=kind)
+def tiny_adapter_model(n_tasks: int = 3, *, seed: int = 0, kind: str = "chunked",
+                       layers: int = 1) -> HNetModel:
+    """The tiny MLP whose tasks each keep a rank-2 private correction of the first ``layers``
+    layers, set to non-zero values as after training (a fresh task's ``U`` is zero)."""
+    model = tiny_mlp_model(n_tasks, adapter_rank=2, seed=seed, kind=kind,
+                           adapter_layers=layers)
     hn = model.hypernet
     g = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():

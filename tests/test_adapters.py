@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hnet_serve.errors import ConfigError, InputError
-from hnet_serve.hypernet import HypernetConfig, HyperNetwork, adapter_site
+from hnet_serve.hypernet import HypernetConfig, HyperNetwork, adapter_site, adapter_sites
 from hnet_serve.model import HNetModel
 from hnet_serve.storage import stored_params
 from hnet_serve.targets import MLPConfig
@@ -24,8 +24,11 @@ def test_site_is_the_first_weight_tensor():
     offset, out, fan_in = adapter_site(list(resnet.param_shapes.values()))
     first = next(s for s in resnet.param_shapes.values() if len(s) >= 2)
     assert (out, fan_in) == (first[0], first[1] * first[2] * first[3]) and offset == 0
-    with pytest.raises(InputError, match="weight matrix"):
+    with pytest.raises(InputError, match="weight matrices"):
         adapter_site([(4,), (3,)])
+    with pytest.raises(InputError, match="adapter_layers=3"):
+        adapter_sites([(5, 2), (5,), (2, 5)], 3)
+    assert adapter_sites([(5, 2), (5,), (2, 5)], 2) == [(0, 5, 2), (15, 2, 5)]
     with pytest.raises(InputError, match="param_shapes"):
         HyperNetwork(HypernetConfig(adapter_rank=2), 100)
 
@@ -49,21 +52,29 @@ def test_a_fresh_task_starts_from_the_generated_weights():
                                rtol=0, atol=0)
 
 
-def test_the_correction_is_u_v_on_the_first_layer_of_its_own_task_only():
-    model = tiny_adapter_model(3)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_correction_is_u_v_on_the_first_layers_of_its_own_task_only(layers):
+    model = tiny_adapter_model(3, layers=layers)
     hn = model.hypernet
     with torch.no_grad():
         flat = hn.generate()
         plain = hn.project(hn.features(hn.embeddings()))
-    offset, out, fan_in = hn._adapter
+    sites = hn._adapters
+    assert [(o, i) for _, o, i in sites] == [(16, 12), (8, 16)][:layers]  # the MLP's layers
+    r = hn.config.adapter_rank
+    assert hn.adapter_dim == sum(r * (o + i) for _, o, i in sites)
     for k, row in enumerate(hn.task_embs):
-        c, r = hn.code_dim, hn.config.adapter_rank
-        u = row[c : c + out * r].reshape(out, r)
-        v = row[c + out * r :].reshape(r, fan_in)
         delta = (flat[k] - plain[k]).detach()
-        torch.testing.assert_close(delta[offset : offset + out * fan_in],
-                                   (u @ v).reshape(-1).detach())
-        assert torch.count_nonzero(delta[offset + out * fan_in :]) == 0
+        c, covered = hn.code_dim, torch.zeros_like(delta, dtype=torch.bool)
+        for offset, out, fan_in in sites:
+            u = row[c : c + out * r].reshape(out, r)
+            v = row[c + out * r : c + r * (out + fan_in)].reshape(r, fan_in)
+            c += r * (out + fan_in)
+            torch.testing.assert_close(delta[offset : offset + out * fan_in],
+                                       (u @ v).reshape(-1).detach())
+            covered[offset : offset + out * fan_in] = True
+        assert torch.count_nonzero(delta[~covered]) == 0  # biases and later layers untouched
+    offset, out, fan_in = sites[0]
     # the target's first layer is what moves: logits follow the generated weights
     w = model.target.unflatten(flat[0].detach())
     first = next(iter(w.values()))
@@ -129,7 +140,7 @@ def test_training_freezes_old_corrections_and_keeps_old_answers():
     run_tasks(method, tasks[:1], cfg, progress=False)
     hn = method.model.hypernet
     row0 = hn.task_embs[0].detach().clone()
-    assert torch.count_nonzero(row0[hn.code_dim : hn.code_dim + hn._adapter[1] * 2]) > 0  # U
+    assert torch.count_nonzero(row0[hn.code_dim : hn.code_dim + hn._adapters[0][1] * 2]) > 0  # U
     x = torch.from_numpy(tasks[0].x_test)
     before = method.model.logits("a", x)
     run_tasks(method, tasks[1:], cfg, progress=False)
@@ -167,6 +178,17 @@ def test_auto_rank_takes_its_share_of_the_budget():
         for i in range(tasks):
             model.add_task(f"t{i}")
         assert stored_params(model).ratio <= compression
+    # corrections on two layers share the same half of the budget: rank 9 = 0.5 x 328,810 /
+    # (10 x (300 + 784 + 300 + 300))
+    cfg = build_config(benchmark="permuted-mnist",
+                       hypernet={"adapter_rank": "auto", "adapter_layers": 2})
+    two = hypernet_config_for(cfg, target, 10)
+    assert two.adapter_rank == 9
+    model = HNetModel(target, two, seed=0)
+    for i in range(10):
+        model.add_task(f"t{i}")
+    assert model.hypernet.adapter_dim == 9 * (300 + 784 + 300 + 300)
+    assert stored_params(model).ratio <= 1.0
     # no budget, no derivation: none
     cfg = build_config(benchmark="permuted-mnist", hypernet={"adapter_rank": "auto"})
     cfg = cfg.model_copy(update={"compression": None})  # (a None flag is "not given")

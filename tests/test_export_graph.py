@@ -61,6 +61,7 @@ def multihead_model() -> HNetModel:
 MODELS = {
     "mlp": lambda: tiny_mlp_model(4),
     "mlp-adapters": lambda: tiny_adapter_model(3),
+    "mlp-adapters-2-layers": lambda: tiny_adapter_model(3, layers=2),
     "mlp-per-feature": lambda: normed_mlp_model("per-feature"),
     "mlp-image-per-channel": lambda: normed_mlp_model("per-channel", input_shape=(2, 3)),
     "mlp-global": lambda: normed_mlp_model("global", input_shape=(2, 3)),

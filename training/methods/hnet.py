@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from hnet_serve.devices import resolve_device
 from hnet_serve.errors import ConfigError, InputError
-from hnet_serve.hypernet import HypernetConfig, adapter_site, derive_hypernet
+from hnet_serve.hypernet import HypernetConfig, adapter_sites, derive_hypernet
 from hnet_serve.model import HNetModel
 from hnet_serve.normalization import MEAN, fit_norm, resolve_mode
 from hnet_serve.targets import MLPConfig, ResNetConfig, build_target
@@ -98,19 +98,21 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
     derive = (config.compression is not None and hn.kind == "chunked" and hn.layout == "flat"
               and "chunk_size" not in hn.model_fields_set)
     auto = hn.adapter_rank == "auto"
-    out = fan_in = 0
+    per_rank = smallest = 0  # numbers per unit of rank; smallest side of a corrected matrix
     if derive:
-        _, out, fan_in = adapter_site(list(net.param_shapes.values()))
+        sites = adapter_sites(list(net.param_shapes.values()), hn.adapter_layers)
+        per_rank = sum(out + fan_in for _, out, fan_in in sites)
+        smallest = min(min(out, fan_in) for _, out, fan_in in sites)
     if auto:  # sized with the hypernetwork, or none
-        rank = min(ADAPTER_MAX_RANK, min(out, fan_in) // 2, math.floor(
-            ADAPTER_SHARE * config.compression * net.n_params / (tasks * (out + fan_in)))
+        rank = min(ADAPTER_MAX_RANK, smallest // 2, math.floor(
+            ADAPTER_SHARE * config.compression * net.n_params / (tasks * per_rank))
         ) if derive else 0
         hn = hn.model_copy(update={"adapter_rank": rank if rank >= ADAPTER_MIN_RANK else 0})
     if not derive:
         return hn
     norm = net.buffer_shapes.get(MEAN)  # each task stores its mean and std
     # and its private correction of the first weight tensor
-    per_task = (2 * math.prod(norm) if norm else 0) + hn.adapter_rank * (out + fan_in)
+    per_task = (2 * math.prod(norm) if norm else 0) + hn.adapter_rank * per_rank
     try:
         derived = derive_hypernet(net.n_params, tasks,
                                   config.compression, hidden=hn.hidden,
