@@ -82,6 +82,14 @@ def write_section(name: str, body: str, *, doc: Path = DOC) -> None:
         os.replace(tmp, doc)
 
 
+def verdict(name: str, **checks: bool) -> int:
+    """Print ``name: PASS`` (or ``FAIL``) with every named check; the exit status for ``main``."""
+    ok = all(checks.values())
+    named = ", ".join(f"{k.replace('_', ' ')} ok: {v}" for k, v in checks.items())
+    print(f"{name}:", "PASS" if ok else "FAIL", f"({named})")
+    return 0 if ok else 1
+
+
 def pmnist_model(n_tasks: int, prefix: str = "pmnist") -> HNetModel:
     """The paper's PermutedMNIST-10 sizes: MLP 784-1000-1000-10 target, chunked hypernetwork
     (chunk 78,000, hidden 25-25, task embedding 24, chunk embedding 8), ``n_tasks`` tasks."""

@@ -109,7 +109,7 @@ def percentile(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     import httpx
 
-    from benchmarks._report import machine, table, write_section
+    from benchmarks._report import machine, table, verdict, write_section
     from benchmarks.bench_serving import free_port, server
     from benchmarks.load_test import (
         RssSampler,
@@ -265,10 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         + table(["check", "value"], checks)
     )
     write_section(SECTION, body)
-    ok = ok_answers and ok_swaps and ok_memory
-    print("bench_reload:", "PASS" if ok else "FAIL", f"(answers ok: {ok_answers}, swaps ok: "
-          f"{ok_swaps}, memory ok: {ok_memory})")
-    return 0 if ok else 1
+    return verdict("bench_reload", answers=ok_answers, swaps=ok_swaps, memory=ok_memory)
 
 
 if __name__ == "__main__":

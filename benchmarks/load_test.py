@@ -241,7 +241,7 @@ def server_pid() -> int:
 def main(argv: list[str] | None = None) -> int:
     import httpx
 
-    from benchmarks._report import machine, table, write_section
+    from benchmarks._report import machine, table, verdict, write_section
     from benchmarks.bench_serving import build_model, free_port, server
     from hnet_serve.checkpoint import save_checkpoint
     from hnet_serve.serving.backends import nbytes_estimate
@@ -380,10 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                  "capacity (MiB)"], cache_row)
     )
     write_section(SECTION, body)
-    ok = ok_errors and ok_memory and ok_evictions
-    print("load test:", "PASS" if ok else "FAIL", f"(errors ok: {ok_errors}, memory ok: "
-          f"{ok_memory}, evictions ok: {ok_evictions})")
-    return 0 if ok else 1
+    return verdict("load test", errors=ok_errors, memory=ok_memory, evictions=ok_evictions)
 
 
 if __name__ == "__main__":
