@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,28 +38,23 @@ def _name_list(text: str) -> list[str]:
     return values
 
 
-def _reg_tasks(text: str) -> int | str:
-    if text == "all":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
-    return value
+def _int_or(word: str, least: int, expected: str) -> Callable[[str], int | str]:
+    """An argparse type: ``word`` itself, or an integer >= ``least`` (else ``expected ...``)."""
+    def parse(text: str) -> int | str:
+        if text == word:
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected {expected} or {word!r}, got {text!r}")
+        return value
+    return parse
 
 
-def _adapter_rank(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a rank >= 0 or 'auto', got {text!r}")
-    return value
+_reg_tasks = _int_or("all", 1, "a positive integer")
+_adapter_rank = _int_or("auto", 0, "a rank >= 0")
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
