@@ -157,6 +157,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default-1000-auto-p10": ("default-1000-auto sized for 10 tasks (screening on fewer)",
                               {**_T1000, "planned_tasks": 10,
                                "hypernet": {"adapter_rank": "auto"}}),
+    "default-h100": (("today's default sizes with hypernetwork hidden 100-100 (a wider last "
+                      "hidden layer: more directions per chunk, a smaller chunk)"),
+                     {"hypernet": {"hidden": [100, 100]}}),
+    "default-h50-200": ("today's default sizes with hypernetwork hidden 50-200",
+                        {"hypernet": {"hidden": [50, 200]}}),
+    "default-300-auto-p10-prev": ("default-300-auto-p10 with `emb_init: previous`",
+                                  {**_T300, "planned_tasks": 10, "emb_init": "previous",
+                                   "hypernet": {"adapter_rank": "auto"}}),
     "columns-300-tc16": ("MLP 300-300 target, columns, a 16-dim task code per column", {
         **_T300, "hypernet": {**_COLS, "chunk_emb_dim": 8, "task_chunk_emb_dim": 16}}),
 }

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
                     "and embedding flags are then ignored)")
     ap.add_argument("--reg-tasks", default=None, metavar="N|all",
                     help="old tasks regularized per step (default: the training default)")
+    ap.add_argument("--reg-pairs", default=None, metavar="N|all",
+                    help="(old task, chunk) pairs regularized per step (default: the training "
+                    "default)")
     ap.add_argument("--independent-every", type=int, default=10, metavar="K",
                     help="train one fresh target network on every K-th task as the reference "
                     "(0: none)")
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"benchmark": "permuted-mnist", "dataset": "fashion-mnist", "tasks": args.tasks,
                 "iterations": args.iterations, "seed": args.seed, "beta": args.beta,
                 "lr": args.lr, "lookahead": args.lookahead, "reg_tasks": reg_tasks,
+                "reg_pairs": (None if args.reg_pairs is None else args.reg_pairs
+                              if args.reg_pairs == "all" else int(args.reg_pairs)),
                 "target": {"hidden": args.target_hidden}}
     if args.compression is not None:  # sized exactly as `hnet-serve train` sizes it
         cfg = build_config(**settings, compression=args.compression,
@@ -170,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         f"beta {cfg.beta}{', lookahead' if cfg.lookahead else ''}, the regularizer on "
         + ("all previous tasks every step" if cfg.reg_tasks in (None, "all") else
            f"a random {cfg.reg_tasks} previous tasks every step")
+        + ("" if cfg.reg_pairs == "all" else
+           f", about {cfg.reg_pairs} (task, chunk) pairs of them (random chunks)")
         + f". Seed {args.seed}. "
         f"Machine: {machine()}, denormals "
         f"{'kept' if args.keep_denormals else 'flushed to zero'}."

@@ -294,15 +294,17 @@ class HyperNetwork(nn.Module):
         return self.n_shared / self.n_params
 
     # -- generation ------------------------------------------------------------------------
-    def features(self, emb: torch.Tensor) -> torch.Tensor:
-        """Last hidden activation for every (task, chunk) pair: ``(K, E)`` -> ``(K, C, d)``."""
+    def features(self, emb: torch.Tensor, chunks: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden activation for every (task, chunk) pair: ``(K, E)`` -> ``(K, C, d)``;
+        with ``chunks`` (a 1-D index of m chunks) only for those: ``(K, m, d)``."""
         e = self.config.task_emb_dim
         h = self.in_task(emb[:, :e]).unsqueeze(1)  # (K, 1, H0)
         if self.in_chunk is not None:
-            h = h + self.in_chunk(self.chunk_embs).unsqueeze(0)  # (K, C, H0)
+            ce = self.chunk_embs if chunks is None else self.chunk_embs[chunks]
+            h = h + self.in_chunk(ce).unsqueeze(0)  # (K, C, H0)
         if self.in_code is not None:
             codes = emb[:, e:self.code_dim].reshape(emb.shape[0], self.num_chunks, -1)  # (K, C, tc)
-            h = h + self.in_code(codes)  # (K, C, H0)
+            h = h + self.in_code(codes if chunks is None else codes[:, chunks])  # (K, C, H0)
         h = self._act(h)
         for layer in self.hidden:
             h = self._act(layer(h))

@@ -4,6 +4,7 @@ size as a fraction of one target network for the planned tasks); explicit sizes 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hnet_serve.checkpoint import load_checkpoint
 from hnet_serve.storage import stored_params
@@ -86,6 +87,57 @@ def test_every_old_task_is_regularized_by_default_and_subsets_are_opt_in():
         tiny_config(reg_tasks=0)
 
 
+def test_reg_pairs_draws_chunks_for_every_old_task():
+    """``reg_pairs=N``: every old task each step, on a fresh random ceil(N / K) of the chunks
+    (every chunk while K x C <= N); with ``reg_tasks`` too, K is the subset's size. The
+    default, ``auto``, is N = REG_PAIRS_TASKS x C (every pair up to that many old tasks), and
+    every pair with the explicit form."""
+    from hnet_serve.training.config import REG_PAIRS_TASKS
+    from hnet_serve.training.methods.hnet import HNetMethod, task_norm
+    from hnet_serve.training.methods.registry import make_method
+    from tests.test_training import make_task, tiny_config
+
+    many = [make_task(f"t{i}", i) for i in range(11)]
+    assert tiny_config(iterations=1).reg_pairs == "auto" and REG_PAIRS_TASKS == 10
+    for pairs, reg_tasks, method_ in [("all", "all", "auto"), (10_000, "all", "auto"),
+                                      (25, "all", "auto"), (7, "all", "auto"), (4, 2, "auto"),
+                                      ("auto", "all", "auto"), ("auto", "all", "explicit")]:
+        cfg = tiny_config(iterations=1, reg_pairs=pairs, reg_tasks=reg_tasks,
+                          reg_method=method_, hypernet={"chunk_size": 30})
+        method = HNetMethod(make_method(cfg, many[:1]).model, cfg)
+        for t in many[1:-1]:
+            method.model.add_task(t.name, num_classes=t.num_classes,
+                                  input_norm=task_norm(method.model, t))
+        method.begin_task(len(many) - 1, many[-1])
+        c = method.snapshot.num_chunks
+        assert c > 3
+        k = 10 if reg_tasks == "all" else reg_tasks
+        if pairs == "auto":  # 10 old tasks: every pair; 11 and more: 10 tasks' worth
+            assert method._chunks(10) is None
+            if method_ == "explicit":
+                assert method._chunks(11) is None and method._chunks(500) is None
+            else:
+                assert len(method._chunks(11)) == -(-10 * c // 11)
+                assert len(method._chunks(500)) == 1
+            continue
+        picks = [method._chunks(k) for _ in range(4)]
+        if pairs == "all" or k * c <= pairs:
+            assert picks == [None] * 4
+            continue
+        want = -(-pairs // k)
+        for chunks in picks:
+            assert len(set(chunks.tolist())) == len(chunks) == want
+            assert 0 <= int(chunks.min()) and int(chunks.max()) < c
+        assert len({tuple(sorted(p.tolist())) for p in picks}) > 1  # fresh each step
+        stats = method.train_step(torch.from_numpy(many[-1].x_train[:8]),
+                                  torch.from_numpy(many[-1].y_train[:8]))
+        assert stats.reg >= 0
+    with pytest.raises(Exception, match="reg_pairs"):
+        tiny_config(reg_pairs=0)
+    with pytest.raises(Exception, match="Gram form"):
+        tiny_config(reg_pairs=8, reg_method="explicit")
+
+
 @pytest.mark.parametrize("value, ok", [("all", True), ("4", True), ("0", False), ("x", False)])
 def test_reg_tasks_flag(capsys, tmp_path, value, ok):
     argv = ["train", *FAST, "--reg-tasks", value, "--out", tmp_path / "r"]
@@ -99,6 +151,22 @@ def test_reg_tasks_flag(capsys, tmp_path, value, ok):
         assert run(capsys, *argv)[0] == 0
         assert load_checkpoint(tmp_path / "r").meta["train_config"]["reg_tasks"] == (
             "all" if value == "all" else int(value))
+
+
+def test_checkpoints_from_before_reg_pairs_keep_every_pair():
+    from hnet_serve.training.api import saved_settings
+    assert saved_settings({"train_config": {"beta": 0.1}}) == {"beta": 0.1, "reg_pairs": "all"}
+    assert saved_settings({"train_config": {"reg_pairs": 64}})["reg_pairs"] == 64
+    assert saved_settings({}) == {}
+
+
+def test_reg_pairs_flag(capsys, tmp_path):
+    assert run(capsys, "train", *FAST, "--reg-pairs", "64", "--out", tmp_path / "r")[0] == 0
+    assert load_checkpoint(tmp_path / "r").meta["train_config"]["reg_pairs"] == 64
+    assert run(capsys, "train", *FAST, "--reg-pairs", "auto", "--out", tmp_path / "a")[0] == 0
+    with pytest.raises(SystemExit):
+        run(capsys, "train", *FAST, "--reg-pairs", "0", "--out", tmp_path / "s")
+    assert "--reg-pairs" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("value, ok", [("auto", True), ("3", True), ("0", True), ("-1", False),
@@ -143,3 +211,32 @@ def test_add_task_keeps_old_corrections_and_trains_a_new_one(capsys, tmp_path):
     u = hn2.task_embs[2][hn2.code_dim:hn2.code_dim + 100 * 4]
     assert u.abs().sum() > 0  # the new task's correction was trained from zero
     assert stored_params(v2).total == stored_params(v1).total + hn2.emb_dim + 2  # + its mean/std
+
+
+def test_emb_init_previous_starts_a_task_from_the_last_ones_row():
+    """``emb_init='previous'``: a new task's row starts as a copy of the most recent task's
+    row (so it starts from that network); the default draws a fresh one."""
+    from hnet_serve.training.methods.hnet import HNetMethod
+    from hnet_serve.training.methods.registry import make_method
+    from tests.test_training import make_task, tiny_config
+
+    tasks = [make_task(f"t{i}", i) for i in range(3)]
+    for init in ("random", "previous"):
+        cfg = tiny_config(iterations=2, emb_init=init)
+        method = HNetMethod(make_method(cfg, tasks[:1]).model, cfg)
+        hn = method.model.hypernet
+        method.begin_task(0, tasks[0])
+        method.train_step(torch.from_numpy(tasks[0].x_train[:8]),
+                          torch.from_numpy(tasks[0].y_train[:8]))
+        method.end_task(0, tasks[0])
+        first = hn.task_embs[0].detach().clone()
+        method.begin_task(1, tasks[1])
+        same = torch.equal(hn.task_embs[1].detach(), first)
+        assert same == (init == "previous")
+        assert torch.equal(hn.task_embs[0].detach(), first)  # the old row is untouched
+        method.train_step(torch.from_numpy(tasks[1].x_train[:8]),
+                          torch.from_numpy(tasks[1].y_train[:8]))
+        assert torch.equal(hn.task_embs[0].detach(), first)
+        assert not torch.equal(hn.task_embs[1].detach(), first)  # its own copy, trained
+    with pytest.raises(Exception, match="emb_init"):
+        tiny_config(emb_init="zeros")

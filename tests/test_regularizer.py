@@ -203,3 +203,57 @@ def test_method_choice_and_errors():
     perturb(hn)
     sub = output_regularizer(hn, snap, subset=[1], method="explicit")
     assert sub.item() == pytest.approx(reference(frozen, hn, [1]).item(), rel=1e-4)
+
+
+def chunk_terms(frozen, hnet, ids) -> torch.Tensor:
+    """Per chunk j: mean over tasks of ||chunk j of f_h(e_t, Θ*) - chunk j of f_h(e_t, Θ)||²,
+    generated the plain way (flat layout: chunk j is flat weights [jS, (j+1)S))."""
+    with torch.no_grad():
+        targets = frozen.generate(ids)
+    diff = (hnet(frozen.embeddings(ids)) - targets).pow(2).mean(dim=0)  # (n,)
+    s, c = hnet.chunk_size, hnet.num_chunks
+    return torch.stack([diff[j * s:(j + 1) * s].sum() for j in range(c)])
+
+
+@pytest.mark.parametrize("kind,chunk,layout,codes", CASES_ALL)
+def test_a_subset_of_chunks_is_an_unbiased_sample(kind, chunk, layout, codes):
+    """``chunks=``: the penalty over those chunks only, scaled by C / m, so that its mean over
+    random subsets is the full penalty; every chunk alone, added up, is the full penalty."""
+    model = tiny_mlp_model(4, kind=kind, chunk_size=chunk or 50, layout=layout,
+                           task_chunk_emb_dim=codes)
+    hn = model.hypernet
+    frozen = copy.deepcopy(hn)
+    snap = make_snapshot(hn, OLD)
+    perturb(hn)
+    c = hn.num_chunks
+    full = output_regularizer(hn, snap, method="gram")
+    singles = [output_regularizer(hn, snap, chunks=[j]) for j in range(c)]
+    assert sum(singles).item() / c == pytest.approx(full.item(), rel=1e-4)
+    assert rel_err(grads(hn, sum(singles) / c), grads(hn, full)) < 1e-4
+    every = output_regularizer(hn, snap, chunks=list(range(c)))
+    assert every.item() == pytest.approx(full.item(), rel=1e-5)
+    if c >= 3:
+        sel = [c - 1, 0, c // 2]  # any order; the truncated last chunk included
+        sub = output_regularizer(hn, snap, chunks=sel, subset=[2, 0])
+        want = sum(output_regularizer(hn, snap, chunks=[j], subset=[2, 0]) for j in sel) / 3
+        assert sub.item() == pytest.approx(want.item(), rel=1e-4)
+    if layout == "flat" and kind == "chunked":  # against plain generation, chunk by chunk
+        terms = chunk_terms(frozen, hn, OLD)
+        for j in range(c):
+            assert singles[j].item() == pytest.approx(c * terms[j].item(), rel=1e-4)
+    # the lookahead reads the same chunks
+    delta = random_delta(hn)
+    la = [output_regularizer(hn, snap, chunks=[j], delta=delta) for j in range(c)]
+    assert sum(la).item() / c == pytest.approx(
+        output_regularizer(hn, snap, delta=delta, method="gram").item(), rel=1e-4)
+
+
+def test_chunk_subset_errors():
+    model = tiny_mlp_model(4, chunk_size=50)
+    hn = model.hypernet
+    snap = make_snapshot(hn, OLD)
+    for bad in ([], [0, 0], [-1], [hn.num_chunks]):
+        with pytest.raises(InputError, match="distinct indices"):
+            output_regularizer(hn, snap, chunks=bad)
+    with pytest.raises(ConfigError, match="Gram form"):
+        output_regularizer(hn, snap, chunks=[0], method="explicit")

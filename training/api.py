@@ -246,6 +246,13 @@ def _old_task_accuracies(model: HNetModel, tasks: dict[str, TaskData], batch_siz
     return {n: accuracy(model, n, t.x_test, t.y_test, batch_size) for n, t in tasks.items()}
 
 
+def saved_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training settings for ``add-task``; one saved before ``reg_pairs`` existed
+    regularized every (task, chunk) pair and keeps doing so, not today's default."""
+    base = dict(meta.get("train_config") or {})
+    return {"reg_pairs": "all", **base} if base else base
+
+
 def add_task(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -281,7 +288,7 @@ def add_task(
     out_path = check_out_dir(out, overwrite, protect=checkpoint)
     parent_hash = checkpoint_hash(checkpoint)
     model = load_checkpoint(checkpoint)
-    config = build_config(config_file, base=model.meta.get("train_config") or {}, **overrides)
+    config = build_config(config_file, base=saved_settings(model.meta), **overrides)
     # The architecture is the checkpoint's, whatever the saved or given settings say.
     arch = model.target_config.model_dump()
     config = config.model_copy(update={

@@ -38,10 +38,11 @@ def _name_list(text: str) -> list[str]:
     return values
 
 
-def _int_or(word: str, least: int, expected: str) -> Callable[[str], int | str]:
-    """An argparse type: ``word`` itself, or an integer >= ``least`` (else ``expected ...``)."""
+def _int_or(word: str, least: int, expected: str, *more: str) -> Callable[[str], int | str]:
+    """An argparse type: ``word`` (or one of ``more``) itself, or an integer >= ``least``
+    (else ``expected ...``)."""
     def parse(text: str) -> int | str:
-        if text == word:
+        if text == word or text in more:
             return text
         try:
             value = int(text)
@@ -55,6 +56,7 @@ def _int_or(word: str, least: int, expected: str) -> Callable[[str], int | str]:
 
 _reg_tasks = _int_or("all", 1, "a positive integer")
 _adapter_rank = _int_or("auto", 0, "a rank >= 0")
+_reg_pairs = _int_or("all", 1, "a positive integer, 'auto'", "auto")
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -75,6 +77,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reg-tasks", type=_reg_tasks, metavar="N|all",
                    help="regularize a random subset of N old tasks per step (a flat step cost "
                    "on long sequences, but more forgetting), or all of them (default)")
+    g.add_argument("--reg-pairs", type=_reg_pairs, metavar="N|auto|all",
+                   help="about N (old task, chunk) pairs regularized per step, every old task "
+                   "on a random share of the chunks; auto (default): 10 tasks' worth; all")
     _bool_flag(g, "train-old-embeddings", "keep training old task embeddings (paper: frozen)")
     g.add_argument("--outlier-weight", type=float, metavar="W",
                    help="weight of the uniform-prediction loss on outliers made from each batch "
@@ -130,6 +135,7 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "iterations": args.iterations, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "beta": args.beta, "seed": args.seed, "lookahead": args.lookahead,
         "reg_method": args.reg_method, "reg_tasks": args.reg_tasks,
+        "reg_pairs": args.reg_pairs,
         "train_old_embeddings": args.train_old_embeddings,
         "outlier_weight": args.outlier_weight, "outlier_kinds": args.outlier_kinds,
         "min_task_rows": args.min_task_rows, "min_task_classes": args.min_task_classes,

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hnet_serve.configs import read_mapping_file, validate
 from hnet_serve.devices import DeviceName
@@ -22,6 +22,9 @@ from hnet_serve.training import DEFAULT_OUTLIER_KINDS, OutlierKind
 # Old tasks regularized per training step by default (TrainConfig.reg_tasks): every one. A random
 # subset (``--reg-tasks N``) keeps a step's cost flat but forgets on long runs (below).
 DEFAULT_REG_TASKS = "all"
+# ``reg_pairs="auto"``: a step regularizes at most this many old tasks' worth of (task, chunk)
+# pairs, so its cost stops growing after this many tasks.
+REG_PAIRS_TASKS = 10
 
 Benchmark = Literal["permuted-mnist", "split-mnist", "split-cifar", "custom"]
 Dataset = Literal["mnist5k", "fashion-mnist", "idx-dir", "cifar"]
@@ -61,7 +64,17 @@ class TrainConfig(BaseModel):
     # forgets: Permuted Fashion-MNIST-100 with 8 of up to 99 old tasks, 300 steps per task,
     # ended with BWT -15.8 points (docs/reproduction.md), so it is opt-in.
     reg_tasks: Annotated[int, Field(gt=0)] | Literal["all"] | None = DEFAULT_REG_TASKS
+    # (task, chunk) pairs regularized per step: "all", or a budget N: with K old tasks each
+    # step draws a fresh random ceil(N / K) of the C chunks for all of them (every chunk while
+    # K x C <= N), the sum scaled by C / m (unbiased). Every old task is pulled back every
+    # step, so it forgets less than a subset of tasks at the same cost (docs/reproduction.md,
+    # "Capacity"). "auto": REG_PAIRS_TASKS x C, every pair up to that many old tasks.
+    reg_pairs: Annotated[int, Field(gt=0)] | Literal["all", "auto"] = "auto"
     train_old_embeddings: bool = False  # the paper freezes them
+    # A new task's embedding row: "random" (N(0, emb_init_std²), U = 0, V random) or a copy
+    # of the most recent task's row, so it starts from that task's trained network (the
+    # authors' ``--init_with_prev_emb``).
+    emb_init: Literal["random", "previous"] = "random"
     # Uncertainty on self-generated outliers (training.outliers; not in the paper): sharper
     # task inference by entropy (HNET+ENT) at no cost in stored data. 0: off.
     outlier_weight: float = Field(default=0.0, ge=0, le=100)
@@ -100,6 +113,13 @@ class TrainConfig(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError(f"outlier kinds must be distinct, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _pairs_need_gram(self) -> TrainConfig:
+        if isinstance(self.reg_pairs, int) and self.reg_method == "explicit":
+            raise ValueError("reg_pairs (a random share of the chunks per step) needs the Gram "
+                             "form: reg_method 'auto' or 'gram', not 'explicit'")
+        return self
 
     def check_tasks(self, tasks: list[Any]) -> None:
         """Every task has ``min_task_rows`` rows and ``min_task_classes`` classes to learn from."""

@@ -121,15 +121,16 @@ class _Features(nn.Module):
         super().__init__()
         self.hnet = hnet
 
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.hnet.features(emb)
+    def forward(self, emb: torch.Tensor, chunks: torch.Tensor | None = None) -> torch.Tensor:
+        return self.hnet.features(emb, chunks)
 
 
 def current_outputs(
-    hnet: HyperNetwork, emb: torch.Tensor, delta: dict[str, torch.Tensor] | None = None
+    hnet: HyperNetwork, emb: torch.Tensor, delta: dict[str, torch.Tensor] | None = None,
+    chunks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Activations ``(K, C, d)`` and every output layer's ``(weight (S, d), bias (S,))`` at
-    Θ (+ ΔΘ).
+    """Activations ``(K, C, d)`` (``(K, m, d)`` for the m ``chunks`` given) and every output
+    layer's ``(weight (S, d), bias (S,))`` at Θ (+ ΔΘ).
 
     ``delta`` maps parameter names of ``hnet`` (as in ``named_parameters``) to changes; names
     that are missing stay unchanged.
@@ -137,11 +138,11 @@ def current_outputs(
     names = ["head"] if hnet.head is not None else [f"heads.{i}" for i in range(len(hnet.heads))]
     layers = hnet.output_layers
     if not delta:
-        return hnet.features(emb), [(m.weight, m.bias) for m in layers]
+        return hnet.features(emb, chunks), [(m.weight, m.bias) for m in layers]
     params = {
         f"hnet.{n}": p + delta[n] for n, p in hnet.named_parameters() if n in delta
     }
-    feats = functional_call(_Features(hnet), params, (emb,))
+    feats = functional_call(_Features(hnet), params, (emb, chunks))
     return feats, [(m.weight + delta.get(f"{n}.weight", 0), m.bias + delta.get(f"{n}.bias", 0))
                    for n, m in zip(names, layers)]
 
@@ -165,12 +166,14 @@ def _quad_sum(
 
 
 def _gram_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor,
-              heads: list[torch.Tensor]) -> torch.Tensor:
+              heads: list[torch.Tensor], chunks: torch.Tensor | None = None) -> torch.Tensor:
     """Σ over (task, chunk) pairs of ||Ŵ ã - W* ã*||² restricted to each chunk's rows, output
-    layer by output layer; ``heads``: the current ``[W | b]`` of each ``(S, d+1)``."""
+    layer by output layer; ``heads``: the current ``[W | b]`` of each ``(S, d+1)``.
+    ``chunks``: the ascending chunk indices that ``a``/``a_star``'s second axis holds (default:
+    every chunk)."""
     dlt = a - a_star  # (K, C, d+1)
     if snap.scale is not None:  # the form is quadratic in (δ, ã): scale both by s
-        s = snap.scale.view(1, -1, 1)
+        s = (snap.scale if chunks is None else snap.scale[chunks]).view(1, -1, 1)
         dlt, a = dlt * s, a * s
     width = a.shape[-1]
     total = a.new_zeros(())
@@ -191,6 +194,11 @@ def _gram_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor,
                 m = m_b if m is None else m + m_b
                 n = n_b if n is None else n + n_b
                 block += 1
+            if chunks is not None:  # the positions of this group's chunks in the subset
+                first, end = (int(i) for i in torch.searchsorted(
+                    chunks, torch.tensor([first, end], device=chunks.device)))
+                if first == end:
+                    continue
             dl, aa = dlt[:, first:end], a[:, first:end]
             total = total + _quad_sum(gram, m, n, dl.reshape(-1, width), aa.reshape(-1, width))
     return total
@@ -216,6 +224,7 @@ def output_regularizer(
     embeddings: torch.Tensor | None = None,
     delta: dict[str, torch.Tensor] | None = None,
     subset: torch.Tensor | list[int] | None = None,
+    chunks: torch.Tensor | list[int] | None = None,
     method: RegMethod = "auto",
 ) -> torch.Tensor:
     """``1/K Σ_t ||f_h(e_t, Θ*) - f_h(e_t', Θ + ΔΘ)||²`` over the snapshot's old tasks.
@@ -223,8 +232,11 @@ def output_regularizer(
     ``embeddings`` (K, E): the current old embeddings e_t' when they are trained too (default:
     the snapshot's frozen ones, which then get no gradient). ``delta``: the lookahead ΔΘ by
     parameter name (None: the plain output regularizer). ``subset``: positions into the
-    snapshot's tasks to regularize this step (default: all). ``method``: ``gram``,
-    ``explicit`` (the reference) or ``auto`` (the cheaper of the two).
+    snapshot's tasks to regularize this step (default: all). ``chunks``: distinct chunk
+    indices to regularize this step, for every task in the subset (default: all); the sum over
+    them is scaled by C / m, so a uniformly random set of m chunks gives an unbiased estimate of
+    the full penalty (Gram form only). ``method``: ``gram``, ``explicit`` (the reference) or
+    ``auto`` (the cheaper of the two).
     """
     if snapshot.n_params != hnet.n_params or [h.head.shape[0] for h in snapshot.heads] != [
             m.weight.shape[0] for m in hnet.output_layers]:
@@ -241,15 +253,27 @@ def output_regularizer(
         if idx.numel() == 0:
             raise InputError("the regularized subset of old tasks is empty")
         emb, a_star = emb[idx], a_star[idx]
-    k = emb.shape[0]
-    feats, layers = current_outputs(hnet, emb, delta)
+    k, factor = emb.shape[0], 1.0
+    if chunks is not None:
+        chunks = torch.as_tensor(chunks, dtype=torch.long, device=emb.device).sort().values
+        n_chunks = snapshot.num_chunks
+        if (chunks.numel() == 0 or int(chunks[0]) < 0 or int(chunks[-1]) >= n_chunks
+                or bool((chunks[1:] == chunks[:-1]).any())):
+            raise InputError(f"the regularized chunks must be distinct indices in [0, "
+                             f"{n_chunks}), got {chunks.tolist()}")
+        if method == "explicit":
+            raise ConfigError("a subset of chunks is regularized with the Gram form only")
+        method = "gram"
+        a_star = a_star[:, chunks]
+        factor = n_chunks / chunks.numel()
+    feats, layers = current_outputs(hnet, emb, delta, chunks)
     if method == "auto":
         method = choose_method(k * snapshot.num_chunks, feats.shape[-1] + 1, targets is not None)
     if method == "explicit" and targets is not None and idx is not None:
         targets = targets[idx]  # (k, n): only the explicit form reads them (a copy per step)
     if method == "gram":
         total = _gram_sum(snapshot, _augment(feats), a_star,
-                          [_head_matrix(w, b) for w, b in layers])
+                          [_head_matrix(w, b) for w, b in layers], chunks) * factor
     elif method == "explicit":
         total = _explicit_sum(hnet, snapshot, feats, layers, a_star, targets)
     else:

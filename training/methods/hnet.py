@@ -18,7 +18,7 @@ from hnet_serve.hypernet import HypernetConfig, adapter_sites, derive_hypernet
 from hnet_serve.model import HNetModel
 from hnet_serve.normalization import MEAN, fit_norm, resolve_mode
 from hnet_serve.targets import MLPConfig, ResNetConfig, build_target
-from hnet_serve.training.config import TrainConfig
+from hnet_serve.training.config import REG_PAIRS_TASKS, TrainConfig
 from hnet_serve.training.data import TaskData, input_stats
 from hnet_serve.training.evaluate import Predict, predictor
 from hnet_serve.training.methods.base import ContinualMethod, StepStats, task_seed
@@ -247,9 +247,11 @@ class HNetMethod(ContinualMethod):
         head = check_room(model, task)
         norm = task_norm(model, task)
         self.generator.manual_seed(task_seed(cfg.seed, 1_000 + len(old)))
+        start = (model.hypernet.task_embs[old[-1]].detach().clone()
+                 if cfg.emb_init == "previous" and old else None)
         info = model.add_task(task.name, num_classes=task.num_classes,
                               label_names=task.label_names, head=head, generator=self.generator,
-                              input_norm=norm)
+                              input_norm=norm, embedding=start)
         hn = model.hypernet
         self.row, self.head, self.num_classes = info.index, head, task.num_classes
         self.buffers = model.task_buffers[task.name] or None
@@ -266,6 +268,16 @@ class HNetMethod(ContinualMethod):
         if n is None or n == "all" or n >= k:
             return None
         return torch.randperm(k, generator=self.generator)[:n]
+
+    def _chunks(self, tasks: int) -> torch.Tensor | None:
+        """A fresh random set of ceil(reg_pairs / tasks) chunks, the same for every old task
+        regularized this step (None: every chunk)."""
+        n, c = self.config.reg_pairs, self.snapshot.num_chunks if self.snapshot else 0
+        if n == "auto":  # the explicit form (the reference) sees every pair
+            n = "all" if self.config.reg_method == "explicit" else REG_PAIRS_TASKS * c
+        if n == "all" or tasks * c <= n:
+            return None
+        return torch.randperm(c, generator=self.generator)[:max(1, -(-n // tasks))]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         model, hn, cfg, opt = self.model, self.model.hypernet, self.config, self.optimizer
@@ -290,8 +302,10 @@ class HNetMethod(ContinualMethod):
         if self.snapshot is not None:
             delta = adam_lookahead(opt, self._shared) if cfg.lookahead else None
             emb = hn.embeddings(self.snapshot.task_ids) if cfg.train_old_embeddings else None
+            subset = self._subset()
+            chunks = self._chunks(self.snapshot.num_tasks if subset is None else len(subset))
             reg = output_regularizer(hn, self.snapshot, embeddings=emb, delta=delta,
-                                     subset=self._subset(), method=cfg.reg_method)
+                                     subset=subset, chunks=chunks, method=cfg.reg_method)
             (cfg.beta * reg).backward()
             reg_value = reg.item()
         opt.step()
