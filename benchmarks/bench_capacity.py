@@ -160,6 +160,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default-h100": (("today's default sizes with hypernetwork hidden 100-100 (a wider last "
                       "hidden layer: more directions per chunk, a smaller chunk)"),
                      {"hypernet": {"hidden": [100, 100]}}),
+    "default-1000-auto-lookahead": ("default-1000-auto with the lookahead regularizer",
+                                    {**_T1000, "lookahead": True,
+                                     "hypernet": {"adapter_rank": "auto"}}),
     "default-h50-200": ("today's default sizes with hypernetwork hidden 50-200",
                         {"hypernet": {"hidden": [50, 200]}}),
     "default-300-auto-p10-prev": ("default-300-auto-p10 with `emb_init: previous`",

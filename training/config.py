@@ -60,9 +60,9 @@ class TrainConfig(BaseModel):
     # Old tasks regularized per step: "all" (None in older checkpoints means the same), or a
     # fresh random subset of N each step (hypnettorch's ``calc_fix_target_reg(batch_size=...)``;
     # the subset's mean is an unbiased estimate of the full penalty). A subset makes the step's
-    # cost flat in the number of tasks (task 100 / task 2: 1.49x with 8, 3.76x with all) but
-    # forgets: Permuted Fashion-MNIST-100 with 8 of up to 99 old tasks, 300 steps per task,
-    # ended with BWT -15.8 points (docs/reproduction.md), so it is opt-in.
+    # cost flat in the number of tasks but forgets: Permuted Fashion-MNIST-100 with 8 of up to
+    # 99 old tasks ended with BWT -10.2 points at the 100-100 target (-6.5 with the same number
+    # of pairs spent on every task, ``reg_pairs``; docs/reproduction.md), so it is opt-in.
     reg_tasks: Annotated[int, Field(gt=0)] | Literal["all"] | None = DEFAULT_REG_TASKS
     # (task, chunk) pairs regularized per step: "all", or a budget N: with K old tasks each
     # step draws a fresh random ceil(N / K) of the C chunks for all of them (every chunk while

@@ -177,6 +177,11 @@ def _gram_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor,
         dlt, a = dlt * s, a * s
     width = a.shape[-1]
     total = a.new_zeros(())
+    where = {}  # chunk index -> its position in the subset (or where it would be)
+    if chunks is not None:  # one lookup for every group's bounds
+        edges = sorted({x for hs in snap.heads for _, lo, hi in hs.groups for x in (lo, hi)})
+        pos = torch.searchsorted(chunks, torch.tensor(edges, device=chunks.device)).tolist()
+        where = dict(zip(edges, pos))
     for hs, w in zip(snap.heads, heads):
         bounds = [0, *dict.fromkeys(r for r, _, _ in hs.groups)]
         sizes = [y - x for x, y in itertools.pairwise(bounds)] + [w.shape[0] - bounds[-1]]
@@ -195,8 +200,7 @@ def _gram_sum(snap: Snapshot, a: torch.Tensor, a_star: torch.Tensor,
                 n = n_b if n is None else n + n_b
                 block += 1
             if chunks is not None:  # the positions of this group's chunks in the subset
-                first, end = (int(i) for i in torch.searchsorted(
-                    chunks, torch.tensor([first, end], device=chunks.device)))
+                first, end = where[first], where[end]
                 if first == end:
                     continue
             dl, aa = dlt[:, first:end], a[:, first:end]
