@@ -44,6 +44,11 @@ TARGET_HIDDEN = [300, 300]
 HYPERNET = {**COMPRESSIVE_HNET, "hidden": [60, 60], "chunk_size": 4000, "task_emb_dim": 128}
 
 
+def _count(text: str | None) -> int | str | None:
+    """A ``N|all|auto`` flag as TrainConfig takes it (None: the training default)."""
+    return text if text is None or text in ("all", "auto") else int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=100)
@@ -91,13 +96,10 @@ def main(argv: list[str] | None = None) -> None:
                  "task_emb_dim": args.task_emb_dim, "chunk_emb_dim": args.chunk_emb_dim}
     full = build_benchmark("permuted-mnist", "fashion-mnist", tasks=args.tasks, seed=args.seed)
     tasks = [t.with_test_rows(args.loop_rows) for t in full]
-    reg_tasks = (None if args.reg_tasks is None else
-                 args.reg_tasks if args.reg_tasks == "all" else int(args.reg_tasks))
     settings = {"benchmark": "permuted-mnist", "dataset": "fashion-mnist", "tasks": args.tasks,
                 "iterations": args.iterations, "seed": args.seed, "beta": args.beta,
-                "lr": args.lr, "lookahead": args.lookahead, "reg_tasks": reg_tasks,
-                "reg_pairs": (None if args.reg_pairs is None else args.reg_pairs
-                              if args.reg_pairs in ("all", "auto") else int(args.reg_pairs)),
+                "lr": args.lr, "lookahead": args.lookahead, "reg_tasks": _count(args.reg_tasks),
+                "reg_pairs": _count(args.reg_pairs),
                 "target": {"hidden": args.target_hidden}}
     if args.compression is not None:  # sized exactly as `hnet-serve train` sizes it
         cfg = build_config(**settings, compression=args.compression,

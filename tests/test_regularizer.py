@@ -68,16 +68,23 @@ CASES_ALL = [(k, c, "flat", 0) for k, c in CASES] + [
 ]
 
 
-@pytest.mark.parametrize("kind,chunk,layout,codes", CASES_ALL)
-@pytest.mark.parametrize("lookahead", [False, True])
-def test_gram_equals_explicit_and_direct_generation(kind, chunk, layout, codes, lookahead):
+def moved(kind: str, chunk: int, layout: str, codes: int):
+    """A 4-task hypernetwork of one case, moved by ``perturb`` after snapshotting tasks OLD:
+    ``(moved hypernetwork, frozen copy, snapshot)``."""
     model = tiny_mlp_model(4, kind=kind, chunk_size=chunk or 50, layout=layout,
                            task_chunk_emb_dim=codes)
     hn = model.hypernet
     frozen = copy.deepcopy(hn)
     snap = make_snapshot(hn, OLD)
-    uncached = make_snapshot(hn, OLD, max_cached_targets=0)  # regenerates targets every call
     perturb(hn)
+    return hn, frozen, snap
+
+
+@pytest.mark.parametrize("kind,chunk,layout,codes", CASES_ALL)
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_gram_equals_explicit_and_direct_generation(kind, chunk, layout, codes, lookahead):
+    hn, frozen, snap = moved(kind, chunk, layout, codes)
+    uncached = make_snapshot(frozen, OLD, max_cached_targets=0)  # regenerates targets every call
     delta = random_delta(hn) if lookahead else None
 
     assert snap.targets is not None and uncached.targets is None
@@ -92,12 +99,7 @@ def test_gram_equals_explicit_and_direct_generation(kind, chunk, layout, codes, 
 
 @pytest.mark.parametrize("kind,chunk,layout,codes", [*CASES_ALL[:2], CASES_ALL[-1]])
 def test_trained_old_embeddings_get_equal_gradients(kind, chunk, layout, codes):
-    model = tiny_mlp_model(4, kind=kind, chunk_size=chunk or 50, layout=layout,
-                           task_chunk_emb_dim=codes)
-    hn = model.hypernet
-    frozen = copy.deepcopy(hn)
-    snap = make_snapshot(hn, OLD)
-    perturb(hn)
+    hn, frozen, snap = moved(kind, chunk, layout, codes)
     with torch.no_grad():
         for i in OLD:
             hn.task_embs[i].add_(0.1)
@@ -219,12 +221,7 @@ def chunk_terms(frozen, hnet, ids) -> torch.Tensor:
 def test_a_subset_of_chunks_is_an_unbiased_sample(kind, chunk, layout, codes):
     """``chunks=``: the penalty over those chunks only, scaled by C / m, so that its mean over
     random subsets is the full penalty; every chunk alone, added up, is the full penalty."""
-    model = tiny_mlp_model(4, kind=kind, chunk_size=chunk or 50, layout=layout,
-                           task_chunk_emb_dim=codes)
-    hn = model.hypernet
-    frozen = copy.deepcopy(hn)
-    snap = make_snapshot(hn, OLD)
-    perturb(hn)
+    hn, frozen, snap = moved(kind, chunk, layout, codes)
     c = hn.num_chunks
     full = output_regularizer(hn, snap, method="gram")
     singles = [output_regularizer(hn, snap, chunks=[j]) for j in range(c)]
