@@ -28,7 +28,7 @@ import torch
 
 from benchmarks._report import ROOT, machine, table, write_section
 from benchmarks.bench_reproduction import COMPRESSIVE_HNET
-from hnet_serve.hypernet import derive_hypernet
+from hnet_serve.sizing import derive_hypernet
 from hnet_serve.storage import stored_params
 from hnet_serve.training.config import build_config
 from hnet_serve.training.data import build_benchmark
@@ -59,6 +59,8 @@ _COLS = {"kind": "chunked", "layout": "columns", "hidden": [50, 50], "activation
          "task_emb_dim": 1, "chunk_emb_dim": 32}
 _T300 = {"target": {"hidden": [300, 300]}}
 _T1000 = {"target": {"hidden": [1000, 1000]}}
+TRUNK = {"adapter_rank": "auto", "adapter_mode": "replace", "adapter_basis": "shared",
+         "freeze": "after-first-task"}
 # name -> (what it tests, TrainConfig overrides). "independent*" are the references.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "independent": ("one fresh MLP 100-100 per task", {"method": "independent"}),
@@ -174,6 +176,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default-300-auto-p10-prev": ("default-300-auto-p10 with `emb_init: previous`",
                                   {**_T300, "planned_tasks": 10, "emb_init": "previous",
                                    "hypernet": {"adapter_rank": "auto"}}),
+    "default-trunk": (("a private rank-r first layer per task over a shared basis (`adapter_mode:"
+                       " replace`, `adapter_basis: shared`, r auto), the rest generated, the "
+                       "generator trained with task 1 only (`freeze: after-first-task`)"),
+                      {"hypernet": TRUNK}),
+    "default-300-trunk": ("MLP 300-300 target, default-trunk", {**_T300, "hypernet": TRUNK}),
+    "default-1000-trunk": ("MLP 1000-1000 target, default-trunk", {**_T1000, "hypernet": TRUNK}),
     "columns-300-tc16": ("MLP 300-300 target, columns, a 16-dim task code per column", {
         **_T300, "hypernet": {**_COLS, "chunk_emb_dim": 8, "task_chunk_emb_dim": 16}}),
 }

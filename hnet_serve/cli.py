@@ -47,8 +47,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"target:     {t['kind']} input {t['input_shape']} -> {t['num_classes']} classes "
           f"(reserved), {info['target_params']:,} parameters, input normalization "
           f"{t.get('input_norm', 'none')} per task")
+    layers = ("first layers (their own, not generated"
+              + (", over a shared basis)" if h.get("adapter_basis") == "shared" else ")")
+              if h.get("adapter_mode") == "replace" else "first-layer corrections")
     adapters = (f", of which {info['adapter_params']:,} in rank-{h['adapter_rank']} private "
-                "first-layer corrections" if h.get("adapter_rank") else "")
+                f"{layers}" if h.get("adapter_rank") else "")
+    if h.get("freeze") == "after-first-task":
+        adapters += "; generator trained with the first task only"
     print(f"hypernet:   {h['kind']} hidden {h['hidden']}, {info['hypernet_params']:,} parameters "
           f"(+ {info['embedding_params']:,} in task embeddings{adapters})")
     print(f"compression ratio: {info['compression_ratio']:.4f} (shared hypernetwork / target)")

@@ -21,6 +21,14 @@ beat the flat layout at the same stored size, so no preset uses them:
   ``[e (task_emb_dim); c_1 ... c_C (task_chunk_emb_dim each)]``: a private code per chunk,
   frozen with the task like ``e``.
 
+Private factors (``adapter_rank`` r > 0): every task's row also holds ``V (r, fan_in)`` and,
+unless ``adapter_basis='shared'`` keeps one ``U`` for all tasks, ``U (out, r)``, for the first
+``adapter_layers`` weight tensors; ``U V`` is added to the generated tensor, or, with
+``adapter_mode='replace'``, is the tensor (the generator then covers only the rest). With
+``freeze='after-first-task'`` the shared weights learn with the first task only and every
+later task trains its own row: a fixed trunk with a private low-rank input layer per task,
+which the capacity work (#15) measured best on permuted tasks.
+
 Generation is batched: ``K`` embeddings in, ``(K, n_params)`` out, in one pass. The first layer
 is split into its task part and its chunk part (``W [e; c] = W_e e + W_c c``), so the ``K x C``
 input grid is never materialized, and the output layer is a single ``addmm`` over ``K * C`` rows.
@@ -70,6 +78,17 @@ class HypernetConfig(BaseModel):
     adapter_v_std: float | None = Field(default=None, gt=0)
     # How many of the target's leading weight tensors get a correction of that rank.
     adapter_layers: int = Field(default=1, ge=1, le=64)
+    # "add": ``U V`` corrects the generated tensor; "replace": the tensor is ``U V`` alone and
+    # the hypernetwork does not generate it (its chunks cover the other tensors).
+    adapter_mode: Literal["add", "replace"] = "add"
+    # "private": ``U`` and ``V`` in every task's row; "shared": one ``U`` per corrected tensor,
+    # a shared weight, and only ``V`` in the rows (needs freeze="after-first-task": the output
+    # regularizer does not cover ``U``).
+    adapter_basis: Literal["private", "shared"] = "private"
+    # "after-first-task": the shared weights learn with the checkpoint's first task only; every
+    # later task trains its own row (embedding, private factors), which moves no other task, so
+    # nothing is forgotten and no regularizer runs.
+    freeze: Literal["never", "after-first-task"] = "never"
 
     @model_validator(mode="after")
     def _check(self):
@@ -77,6 +96,11 @@ class HypernetConfig(BaseModel):
             raise ValueError(f"hidden sizes must be positive, got {self.hidden}")
         if self.kind == "full" and (self.layout != "flat" or self.task_chunk_emb_dim):
             raise ValueError("layout='columns' and task_chunk_emb_dim need kind='chunked'")
+        if self.adapter_mode == "replace" and self.layout != "flat":
+            raise ValueError("adapter_mode='replace' needs layout='flat'")
+        if self.adapter_basis == "shared" and self.freeze != "after-first-task":
+            raise ValueError("adapter_basis='shared' needs freeze='after-first-task' (the output "
+                             "regularizer does not hold a shared basis in place)")
         return self
 
 
@@ -129,6 +153,20 @@ class HyperNetwork(nn.Module):
             raise InputError(f"target must have parameters, got n_params={n_params}")
         self.config = config
         self.n_params = n_params
+        # (offset, out, fan_in) of the tensor each task corrects privately (adapter_rank > 0)
+        self._adapters: list[tuple[int, int, int]] = []
+        if config.adapter_rank == "auto":
+            raise InputError("adapter_rank 'auto' is sized from a stored-size budget when "
+                             "training builds the model; give a number here")
+        if config.adapter_rank:
+            if param_shapes is None:
+                raise InputError("adapter_rank needs the target's param_shapes")
+            self._adapters = adapter_sites(param_shapes, config.adapter_layers)
+        # What the generator's chunks cover: every target value but the replaced tensors.
+        self.n_generated = n_params - (sum(out * fan_in for _, out, fan_in in self._adapters)
+                                       if config.adapter_mode == "replace" else 0)
+        if self.n_generated <= 0:
+            raise InputError("adapter_mode='replace' leaves the hypernetwork nothing to generate")
         # column layout: (first chunk, columns, shape, scale) per target tensor
         self._blocks: list[tuple[int, int, tuple[int, ...], float]] = []
         # (output layer, rows used, first chunk, end chunk): contiguous chunks that use the
@@ -147,10 +185,11 @@ class HyperNetwork(nn.Module):
             self.chunk_size = max(g[1] for g in groups)
             self.num_chunks = first
         else:
-            self.chunk_size = min(config.chunk_size, n_params) if config.kind == "chunked" \
-                else n_params
-            self.num_chunks = math.ceil(n_params / self.chunk_size)
-            last = n_params - (self.num_chunks - 1) * self.chunk_size
+            n_gen = self.n_generated
+            self.chunk_size = min(config.chunk_size, n_gen) if config.kind == "chunked" \
+                else n_gen
+            self.num_chunks = math.ceil(n_gen / self.chunk_size)
+            last = n_gen - (self.num_chunks - 1) * self.chunk_size
             if self.num_chunks > 1:
                 groups.append((0, self.chunk_size, 0, self.num_chunks - 1))
             groups.append((0, last, self.num_chunks - 1, self.num_chunks))
@@ -161,15 +200,10 @@ class HyperNetwork(nn.Module):
         scale_t = (torch.cat([torch.full((c,), sc) for _, c, _, sc in self._blocks])
                    if self._blocks else torch.ones(self.num_chunks))
         self.register_buffer("chunk_scale", scale_t, persistent=False)  # (C,)
-        # (offset, out, fan_in) of the tensor each task corrects privately (adapter_rank > 0)
-        self._adapters: list[tuple[int, int, int]] = []
-        if config.adapter_rank == "auto":
-            raise InputError("adapter_rank 'auto' is sized from a stored-size budget when "
-                             "training builds the model; give a number here")
-        if config.adapter_rank:
-            if param_shapes is None:
-                raise InputError("adapter_rank needs the target's param_shapes")
-            self._adapters = adapter_sites(param_shapes, config.adapter_layers)
+        # adapter_basis "shared": one (out, r) basis U per corrected tensor, a shared weight
+        self.adapter_u = nn.ParameterList(
+            nn.Parameter(torch.empty(out, config.adapter_rank)) for _, out, _ in self._adapters
+        ) if config.adapter_basis == "shared" else None
         if config.kind == "chunked":
             ce = config.chunk_emb_dim
             shape = (self.num_chunks, ce)  # (C, ce)
@@ -215,6 +249,8 @@ class HyperNetwork(nn.Module):
                 nn.init.zeros_(layer.bias)
         if self.chunk_embs is not None:
             nn.init.normal_(self.chunk_embs)
+        for u in self.adapter_u or ():  # U V then starts with the variance of 1 / fan_in
+            nn.init.normal_(u, std=1 / math.sqrt(u.shape[1]))
 
     @property
     def output_layers(self) -> list[nn.Linear]:
@@ -233,8 +269,11 @@ class HyperNetwork(nn.Module):
 
     @property
     def adapter_dim(self) -> int:
-        """Numbers of one task's private corrections ``U (out, r)``, ``V (r, fan_in)`` (or 0)."""
-        return sum(self.config.adapter_rank * (out + fan_in) for _, out, fan_in in self._adapters)
+        """Numbers of one task's private factors ``U (out, r)`` (unless shared) and
+        ``V (r, fan_in)`` (or 0)."""
+        shared = self.adapter_u is not None
+        return sum(self.config.adapter_rank * (fan_in + (0 if shared else out))
+                   for _, out, fan_in in self._adapters)
 
     @property
     def emb_dim(self) -> int:
@@ -254,13 +293,21 @@ class HyperNetwork(nn.Module):
         """Append a task embedding (``N(0, emb_init_std^2)`` unless given); returns its row."""
         dim = self.emb_dim
         if embedding is None:
-            embedding = torch.randn(self.code_dim, generator=generator) * self.config.emb_init_std
-            for _, out, fan_in in self._adapters:  # U = 0 (the task starts from the
-                # generated weights), V ~ N(0, 1/fan_in) as a layer's input projection
-                v = torch.randn(self.config.adapter_rank * fan_in, generator=generator)
-                std = self.config.adapter_v_std or 1 / math.sqrt(fan_in)
-                embedding = torch.cat([embedding, torch.zeros(self.config.adapter_rank * out),
-                                       v * std])
+            cfg, r = self.config, self.config.adapter_rank
+            embedding = torch.randn(self.code_dim, generator=generator) * cfg.emb_init_std
+            for _, out, fan_in in self._adapters:
+                # V ~ N(0, 1/fan_in) as a layer's input projection. Added to generated weights,
+                # U V starts at zero (U = 0, or V = 0 with a shared U): the task starts from
+                # them. Replacing them, U ~ N(0, 1/r): U V starts like a fresh layer.
+                v = torch.randn(r * fan_in, generator=generator) * (
+                    cfg.adapter_v_std or 1 / math.sqrt(fan_in))
+                if self.adapter_u is not None:
+                    embedding = torch.cat([embedding, v if cfg.adapter_mode == "replace"
+                                           else torch.zeros_like(v)])
+                    continue
+                u = (torch.randn(out * r, generator=generator) / math.sqrt(r)
+                     if cfg.adapter_mode == "replace" else torch.zeros(out * r))
+                embedding = torch.cat([embedding, u, v])
         embedding = torch.as_tensor(embedding, dtype=torch.float32).detach().clone()
         if embedding.shape != (dim,):
             raise InputError(f"task embedding must have shape ({dim},), got {tuple(embedding.shape)}")
@@ -313,7 +360,8 @@ class HyperNetwork(nn.Module):
     def project(self, feats: torch.Tensor,
                 layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
                 ) -> torch.Tensor:
-        """Output layers over features ``(K, C, d)`` -> flat weights ``(K, n_params)``.
+        """Output layers over features ``(K, C, d)`` -> generated values ``(K, n_generated)``
+        (every target weight unless adapter_mode "replace" leaves some to the tasks' factors).
 
         ``layers``: ``(weight (S, d), bias (S,))`` per output layer in place of the module's
         own (the regularizer's shifted or frozen copies). In the flat layout rows of the
@@ -327,7 +375,7 @@ class HyperNetwork(nn.Module):
         if not self._blocks:
             weight, bias = layers[0]
             out = torch.addmm(bias, feats.reshape(k * self.num_chunks, d), weight.t())
-            return out.view(k, self.num_chunks * self.chunk_size)[:, : self.n_params]
+            return out.view(k, self.num_chunks * self.chunk_size)[:, : self.n_generated]
         parts = []
         for (first, cols, shape, scale), (weight, bias) in zip(self._blocks, layers):
             f = feats[:, first : first + cols].reshape(k * cols, d)
@@ -335,7 +383,7 @@ class HyperNetwork(nn.Module):
             if len(shape) >= 2:  # columns -> the tensor's own (out, in, *k) order
                 block = block.view(k, cols, shape[0], -1).transpose(1, 2)
             parts.append(block.reshape(k, -1))
-        return torch.cat(parts, dim=1)  # (K, n_params)
+        return torch.cat(parts, dim=1)  # (K, n_generated)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         """Generate weights from embeddings ``(K, E)`` -> ``(K, n_params)``."""
@@ -344,71 +392,34 @@ class HyperNetwork(nn.Module):
         return self.with_adapters(self.project(self.features(emb)), emb)
 
     def with_adapters(self, flat: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """Generated weights ``(K, n_params)`` plus each task's private ``U V`` on its first
-        weight tensor (unchanged without adapters). Old tasks' rows are frozen, so the
-        correction is a constant the output regularizer need not see."""
+        """Generated values ``(K, n_generated)`` -> the target's weights ``(K, n_params)``:
+        each corrected tensor gets the task's ``U V`` added (or is ``U V``, adapter_mode
+        "replace"). Old tasks' rows are frozen (and a shared ``U`` with them), so the factors
+        are constants the output regularizer need not see."""
         if not self._adapters:
             return flat
         r, k, c = self.config.adapter_rank, emb.shape[0], self.code_dim
-        parts, done = [], 0  # done: flat columns already in parts
-        for offset, out, fan_in in self._adapters:
-            u = emb[:, c : c + out * r].reshape(k, out, r)
-            v = emb[:, c + out * r : c + r * (out + fan_in)].reshape(k, r, fan_in)
-            c += r * (out + fan_in)
-            end = offset + out * fan_in
-            parts += [flat[:, done:offset], flat[:, offset:end] + (u @ v).reshape(k, -1)]
-            done = end
+        replace = self.config.adapter_mode == "replace"
+        parts, done, skipped = [], 0, 0  # generated columns used; replaced values before
+        for i, (offset, out, fan_in) in enumerate(self._adapters):
+            if self.adapter_u is not None:
+                u = self.adapter_u[i]  # (out, r), broadcast over the K tasks
+            else:
+                u = emb[:, c : c + out * r].reshape(k, out, r)
+                c += out * r
+            v = emb[:, c : c + r * fan_in].reshape(k, r, fan_in)
+            c += r * fan_in
+            uv = torch.matmul(u, v).reshape(k, -1)
+            start = offset - skipped  # where the tensor is (or would be) in ``flat``
+            if replace:
+                parts += [flat[:, done:start], uv]
+                done, skipped = start, skipped + out * fan_in
+            else:
+                parts += [flat[:, done:start], flat[:, start:start + out * fan_in] + uv]
+                done = start + out * fan_in
         return torch.cat([*parts, flat[:, done:]], dim=1)
 
     def generate(self, task_ids: list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Weights for stored tasks: ``(K, n_params)``; row k equals generating task k alone."""
         return self(self.embeddings(task_ids))
 
-
-def derive_hypernet(
-    target_n_params: int,
-    num_tasks: int,
-    ratio: float,
-    *,
-    hidden: Sequence[int] = (50, 50),
-    task_emb_dim: int = 24,
-    chunk_emb_dim: int = 8,
-    per_task_values: int = 0,
-) -> HypernetConfig:
-    """The flat chunked hypernetwork that stores at most ``ratio`` x one target network for
-    ``num_tasks`` tasks, with the largest output layer (chunk) that fits.
-
-    Stored = shared weights + chunk embeddings + ``num_tasks`` task embeddings (and
-    ``per_task_values`` more per task: its input-normalization statistics); with ``h`` the
-    hidden widths and ``S`` the chunk size that is ``fixed + S (h_last + 1) + ceil(n / S) ce``.
-    The output layer is where a compressive hypernetwork's capacity sits (docs/reproduction.md,
-    "Capacity"), so the whole budget left after the small fixed part goes to it. Measured at
-    ratio 1.0 (MLP 100-100): hidden 50-50 is best on Permuted Fashion-MNIST-10 (82.3 %,
-    25-25: 81.9 %), hidden 25-25 on SplitMNIST (98.8 %, 50-50: 98.4 %).
-    """
-    if target_n_params <= 0 or num_tasks <= 0 or not 0 < ratio:
-        raise InputError(
-            f"need a positive target size, task count and ratio, got {target_n_params}, "
-            f"{num_tasks}, {ratio}")
-    widths = [int(h) for h in hidden]
-    if not widths or any(h <= 0 for h in widths):
-        raise InputError(f"hidden sizes must be positive, got {list(hidden)}")
-    budget = math.floor(ratio * target_n_params)
-    fixed = (task_emb_dim + 1 + chunk_emb_dim) * widths[0]  # in_task (+bias), in_chunk
-    fixed += sum(a * b + b for a, b in itertools.pairwise(widths))
-    fixed += num_tasks * (task_emb_dim + per_task_values)
-    d = widths[-1] + 1  # output layer weights + bias per row
-
-    def stored(size: int) -> int:
-        return fixed + size * d + math.ceil(target_n_params / size) * chunk_emb_dim
-
-    size = min(target_n_params, (budget - fixed) // d)
-    while size >= 1 and stored(size) > budget:
-        size -= max(1, (stored(size) - budget) // d)
-    if size < 1:
-        raise InputError(
-            f"{num_tasks} tasks cannot be stored in {ratio}x a target of {target_n_params:,} "
-            f"weights with hidden {widths} (the fixed part alone is {fixed:,}); use a larger "
-            "ratio or target, or smaller hypernetwork layers")
-    return HypernetConfig(kind="chunked", hidden=widths, task_emb_dim=task_emb_dim,
-                          chunk_emb_dim=chunk_emb_dim, chunk_size=size)

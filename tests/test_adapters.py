@@ -15,6 +15,7 @@ from hnet_serve.model import HNetModel
 from hnet_serve.storage import stored_params
 from hnet_serve.targets import MLPConfig
 from hnet_serve.training.regularizer import make_snapshot, output_regularizer
+from hnet_serve.training.methods.hnet import PLAIN_ADAPTERS
 from tests.conftest import tiny_adapter_model, tiny_mlp_model, tiny_resnet_model
 
 
@@ -82,8 +83,9 @@ def test_the_correction_is_u_v_on_the_first_layers_of_its_own_task_only(layers):
 
 
 @pytest.mark.parametrize("method", ["gram", "explicit"])
-def test_regularizer_is_exact_and_zero_at_the_snapshot(method):
-    model = tiny_adapter_model(4)
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_regularizer_is_exact_and_zero_at_the_snapshot(method, mode):
+    model = tiny_adapter_model(4) if mode == "add" else trunk_model(4, basis="private")
     hn = model.hypernet
     frozen = copy.deepcopy(hn)
     old = [0, 1, 2]
@@ -105,7 +107,8 @@ def test_stored_count_and_derived_sizes_include_the_corrections():
 
     target = MLPConfig(input_shape=(784,), hidden=[300, 300], num_classes=10)
     for rank, tasks in [(0, 10), (8, 10), (16, 10), (2, 30)]:
-        cfg = build_config(benchmark="permuted-mnist", hypernet={"adapter_rank": rank})
+        cfg = build_config(benchmark="permuted-mnist",
+                           hypernet={"adapter_rank": rank, **PLAIN_ADAPTERS})
         hcfg = hypernet_config_for(cfg, target, tasks)
         assert hcfg.adapter_rank == rank
         assert "adapter_rank" in hcfg.model_dump()  # saved, so add-task keeps it
@@ -161,7 +164,8 @@ def test_auto_rank_takes_its_share_of_the_budget():
     target = MLPConfig(input_shape=(784,), hidden=[300, 300], num_classes=10)
     n = 328_810
     for tasks, compression in [(10, 1.0), (10, 0.5), (100, 1.0), (1, 1.0)]:
-        cfg = build_config(benchmark="permuted-mnist", hypernet={"adapter_rank": "auto"},
+        cfg = build_config(benchmark="permuted-mnist",
+                           hypernet={"adapter_rank": "auto", **PLAIN_ADAPTERS},
                            compression=compression)
         hcfg = hypernet_config_for(cfg, target, tasks)
         rank = hcfg.adapter_rank
@@ -181,7 +185,7 @@ def test_auto_rank_takes_its_share_of_the_budget():
     # corrections on two layers share the same half of the budget: rank 9 = 0.5 x 328,810 /
     # (10 x (300 + 784 + 300 + 300))
     cfg = build_config(benchmark="permuted-mnist",
-                       hypernet={"adapter_rank": "auto", "adapter_layers": 2})
+                       hypernet={"adapter_rank": "auto", "adapter_layers": 2, **PLAIN_ADAPTERS})
     two = hypernet_config_for(cfg, target, 10)
     assert two.adapter_rank == 9
     model = HNetModel(target, two, seed=0)
@@ -190,7 +194,8 @@ def test_auto_rank_takes_its_share_of_the_budget():
     assert model.hypernet.adapter_dim == 9 * (300 + 784 + 300 + 300)
     assert stored_params(model).ratio <= 1.0
     # no budget, no derivation: none
-    cfg = build_config(benchmark="permuted-mnist", hypernet={"adapter_rank": "auto"})
+    cfg = build_config(benchmark="permuted-mnist",
+                       hypernet={"adapter_rank": "auto", **PLAIN_ADAPTERS})
     cfg = cfg.model_copy(update={"compression": None})  # (a None flag is "not given")
     assert hypernet_config_for(cfg, target, 10).adapter_rank == 0
     # explicit sizes: nothing is derived, so no corrections either
@@ -199,3 +204,164 @@ def test_auto_rank_takes_its_share_of_the_budget():
     assert hypernet_config_for(cfg, target, 10).adapter_rank == 0
     with pytest.raises(InputError, match="auto"):
         HyperNetwork(HypernetConfig(adapter_rank="auto"), 100, [(10, 10)])
+
+
+def trunk_model(n_tasks: int = 3, *, basis: str = "shared", mode: str = "replace",
+                rank: int = 2, seed: int = 0) -> HNetModel:
+    """The tiny MLP (12 -> 16 -> 8 -> 3) whose first layer is each task's own rank-``rank``
+    ``U V`` (``mode`` replace: not generated), over a ``basis`` shared or private ``U``."""
+    cfg = HypernetConfig(kind="chunked", hidden=[10, 10], task_emb_dim=6, chunk_emb_dim=4,
+                         chunk_size=30, adapter_rank=rank, adapter_mode=mode,
+                         adapter_basis=basis, freeze="after-first-task")
+    model = HNetModel(MLPConfig(input_shape=(12,), hidden=[16, 8], num_classes=3), cfg,
+                      seed=seed)
+    for i in range(n_tasks):
+        model.add_task(f"t{i}")
+    return model
+
+
+@pytest.mark.parametrize("basis", ["shared", "private"])
+def test_replace_mode_the_first_layer_is_u_v_and_the_generator_covers_the_rest(basis):
+    model = trunk_model(3, basis=basis)
+    hn = model.hypernet
+    n, first = hn.n_params, 16 * 12
+    assert hn.n_generated == n - first and hn.num_chunks == -(-(n - first) // 30)
+    shared = basis == "shared"
+    assert hn.adapter_dim == 2 * (12 + (0 if shared else 16))
+    assert (hn.adapter_u is not None) == shared
+    if shared:  # U is a shared weight: trained, saved and counted with the generator
+        assert any(p is hn.adapter_u[0] for p in hn.shared_parameters())
+        assert stored_params(model).shared == hn.n_shared
+        assert hn.n_shared == sum(p.numel() for p in hn.parameters()) - 3 * hn.emb_dim
+    with torch.no_grad():
+        flat = hn.generate()
+        gen = hn.project(hn.features(hn.embeddings()))
+    assert flat.shape == (3, n) and gen.shape == (3, n - first)
+    torch.testing.assert_close(flat[:, first:], gen, rtol=0, atol=0)  # the rest: generated
+    for k, row in enumerate(hn.task_embs):
+        c = hn.code_dim
+        u = hn.adapter_u[0] if shared else row[c : c + 32].reshape(16, 2)
+        v = row[c + (0 if shared else 32):].reshape(2, 12)
+        torch.testing.assert_close(flat[k, :first], (u @ v).reshape(-1).detach())
+        # a fresh layer: U V has the scale of a 1/sqrt(fan_in) initialization, not zero
+        assert 0.1 < float(flat[k, :first].std() * 12**0.5) < 3
+    assert next(iter(model.target.unflatten(flat[1]).values())).shape == (16, 12)
+
+
+def test_add_mode_with_a_shared_basis_starts_from_the_generated_weights():
+    model = trunk_model(2, mode="add")
+    hn = model.hypernet
+    assert hn.n_generated == hn.n_params
+    with torch.no_grad():
+        torch.testing.assert_close(hn.generate(), hn.project(hn.features(hn.embeddings())),
+                                   rtol=0, atol=0)  # V = 0: U V = 0
+
+
+def test_factor_options_are_validated():
+    with pytest.raises(ValueError, match="freeze"):
+        HypernetConfig(adapter_rank=2, adapter_basis="shared")
+    with pytest.raises(ValueError, match="flat"):
+        HypernetConfig(adapter_rank=2, adapter_mode="replace", layout="columns")
+    with pytest.raises(InputError, match="nothing to generate"):  # a one-tensor target
+        HyperNetwork(HypernetConfig(adapter_rank=2, adapter_mode="replace"), 12, [(3, 4)])
+    old = HypernetConfig()  # older checkpoints: what they meant is the default
+    assert (old.adapter_mode, old.adapter_basis, old.freeze) == ("add", "private", "never")
+
+
+def test_a_checkpoint_with_a_shared_basis_round_trips(tmp_path):
+    from hnet_serve.checkpoint import load_checkpoint, save_checkpoint
+
+    model = trunk_model(3)
+    with torch.no_grad():
+        model.hypernet.adapter_u[0].mul_(1.5)  # as after training: not its initial value
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    torch.testing.assert_close(loaded.hypernet.generate(), model.hypernet.generate(),
+                               rtol=0, atol=0)
+    assert loaded.hypernet_config.freeze == "after-first-task"
+
+
+def test_frozen_after_the_first_task_later_tasks_move_nothing_else():
+    """freeze after-first-task: task 0 trains the generator (and the shared U); tasks 1 and 2
+    train only their own rows, starting from task 0's embedding with fresh factors; every old
+    answer is bit-identical afterwards, and no regularizer runs."""
+    from hnet_serve.training.loop import run_tasks
+    from hnet_serve.training.methods.registry import make_method
+    from tests.test_training import make_task, tiny_config
+
+    tasks = [make_task(name, i) for i, name in enumerate("abc")]
+    cfg = tiny_config(iterations=30, hypernet={
+        "kind": "chunked", "hidden": [8], "chunk_size": 64, "adapter_rank": 2,
+        "adapter_mode": "replace", "adapter_basis": "shared", "freeze": "after-first-task"})
+    method = make_method(cfg, tasks[:1])
+    hn = method.model.hypernet
+    init = {n: p.detach().clone() for n, p in hn.named_parameters() if "task_embs" not in n}
+    run_tasks(method, tasks[:1], cfg, progress=False)
+    after_first = {n: p.detach().clone() for n, p in hn.named_parameters()
+                   if "task_embs" not in n}
+    assert any(not torch.equal(init[n], after_first[n]) for n in init)  # task 0 trained them
+    assert not torch.equal(init["adapter_u.0"], after_first["adapter_u.0"])
+    x = torch.from_numpy(tasks[0].x_test)
+    before = method.model.logits("a", x)
+    row0 = hn.task_embs[0].detach().clone()
+    run_tasks(method, tasks[1:], cfg, progress=False)
+    assert method.snapshot is None
+    for n, p in hn.named_parameters():
+        if "task_embs" not in n:
+            torch.testing.assert_close(p.detach(), after_first[n], rtol=0, atol=0)
+            assert p.requires_grad  # restored for a later add-task
+    torch.testing.assert_close(hn.task_embs[0].detach(), row0, rtol=0, atol=0)
+    torch.testing.assert_close(method.model.logits("a", x), before, rtol=0, atol=0)
+    for k in (1, 2):  # each learned its own row: embedding moved away from task 0's start
+        assert not torch.equal(hn.task_embs[k].detach(), row0)
+
+
+def test_replace_auto_rank_leaves_the_generator_one_task_at_full_rank():
+    import warnings
+
+    from hnet_serve.training.config import build_config
+    from hnet_serve.targets import build_target
+    from hnet_serve.training.methods.hnet import ADAPTER_MIN_RANK, _derive, hypernet_config_for
+
+    trunk = {"adapter_rank": "auto", "adapter_mode": "replace", "adapter_basis": "shared",
+             "freeze": "after-first-task"}
+    target = MLPConfig(input_shape=(784,), hidden=[100, 100], num_classes=10)
+    for tasks, want in [(10, 9), (5, 18)]:
+        cfg = build_config(benchmark="permuted-mnist", hypernet=trunk, planned_tasks=tasks)
+        hcfg = hypernet_config_for(cfg, target, tasks)
+        assert (hcfg.adapter_rank, hcfg.adapter_mode) == (want, "replace")
+        model = HNetModel(target, hcfg, seed=0)
+        for i in range(tasks):
+            model.add_task(f"t{i}")
+        hn = model.hypernet
+        assert hn.n_generated == 89_610 - 78_400
+        assert hn.num_chunks <= hn.config.hidden[-1] + 1  # one task at full rank
+        assert hn.adapter_dim == want * 784
+        s = stored_params(model)
+        assert 0.99 < s.ratio <= 1.0
+        # one more rank would not leave the generator that room within the budget
+        with torch.device("meta"):
+            net = build_target(target)
+        try:
+            chunk = _derive(cfg, hcfg, net, tasks, want + 1).chunk_size
+        except InputError:
+            chunk = 0
+        assert chunk == 0 or -(-hn.n_generated // chunk) > hn.config.hidden[-1] + 1
+    # 100 tasks: no rank >= 8 fits 1.0x of this target, so the generated layer stays (told)
+    cfg = build_config(benchmark="permuted-mnist", hypernet=trunk, planned_tasks=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hcfg = hypernet_config_for(cfg, target, 100)
+    assert any(f"rank >= {ADAPTER_MIN_RANK}" in str(w.message) for w in caught)
+    assert (hcfg.adapter_mode, hcfg.adapter_basis, hcfg.freeze) == ("add", "private", "never")
+
+
+def test_replace_with_rank_zero_is_the_plain_generator():
+    from hnet_serve.training.config import build_config
+    from hnet_serve.training.methods.hnet import hypernet_config_for
+
+    target = MLPConfig(input_shape=(784,), hidden=[100, 100], num_classes=10)
+    cfg = build_config(benchmark="permuted-mnist", hypernet={"adapter_rank": 0})
+    assert cfg.hypernet.adapter_mode == "replace"  # the preset's
+    hcfg = hypernet_config_for(cfg, target, 10)
+    assert (hcfg.adapter_rank, hcfg.adapter_mode, hcfg.freeze) == (0, "add", "never")

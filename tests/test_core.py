@@ -422,7 +422,7 @@ def test_new_options_need_a_chunked_hypernet():
     (371, 3, 3.0, (10, 10)),
 ])
 def test_derive_hypernet_stays_within_the_ratio_and_uses_it(n, tasks, ratio, hidden):
-    from hnet_serve.hypernet import derive_hypernet
+    from hnet_serve.sizing import derive_hypernet
 
     cfg = derive_hypernet(n, tasks, ratio, hidden=hidden)
     hn = HyperNetwork(cfg, n)
@@ -436,7 +436,7 @@ def test_derive_hypernet_stays_within_the_ratio_and_uses_it(n, tasks, ratio, hid
 
 
 def test_derive_hypernet_refuses_an_impossible_ratio():
-    from hnet_serve.hypernet import derive_hypernet
+    from hnet_serve.sizing import derive_hypernet
 
     with pytest.raises(InputError, match="cannot be stored"):
         derive_hypernet(1_000, 10, 0.5)

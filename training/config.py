@@ -147,15 +147,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hypernet": {"kind": "chunked", "hidden": [25, 25], "task_emb_dim": 24,
                      "chunk_emb_dim": 8, "adapter_rank": "auto"},
     },
-    # 82.30 % CL1 at 1.00x on Permuted Fashion-MNIST-10 (independent networks: 86.07 at 10x):
-    # tasks that share nothing need more than one network's worth of weights to be learned as
-    # well as alone; see docs/reproduction.md, "Capacity".
+    # Each task's first layer is its own rank-r U V over a shared U (not generated); the
+    # generator makes the rest and learns with the first task only: nothing is forgotten
+    # (docs/reproduction.md, "Capacity", point 12). At 1.00x on Permuted Fashion-MNIST-10,
+    # seeds 0-2, 1,000 steps, against independent networks of the same target: MLP 300-300
+    # (r = 28) 85.94 vs 86.62 % (2,000 steps, seed 0: 87.22 vs 87.77 %), MLP 100-100 (r = 9)
+    # 84.28 vs 86.07 %, MLP 1000-1000 (r = 88) 86.7 vs 86.75 %. When no rank >= 8 fits the
+    # budget (e.g. 100 planned tasks) it falls back to the regularized generator.
     "permuted-mnist": {
         "iterations": 2000,
         "beta": 0.05,
-        "target": {"hidden": [100, 100]},
+        "target": {"hidden": [300, 300]},
         "hypernet": {"kind": "chunked", "hidden": [50, 50], "task_emb_dim": 24,
-                     "chunk_emb_dim": 8, "adapter_rank": "auto"},
+                     "chunk_emb_dim": 8, "adapter_rank": "auto", "adapter_mode": "replace",
+                     "adapter_basis": "shared", "freeze": "after-first-task"},
     },
     "split-cifar": {
         "iterations": 5000,

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from hnet_serve.devices import resolve_device
 from hnet_serve.errors import ConfigError, InputError
-from hnet_serve.hypernet import HypernetConfig, adapter_sites, derive_hypernet
+from hnet_serve.hypernet import HypernetConfig, adapter_sites
+from hnet_serve.sizing import derive_hypernet
 from hnet_serve.model import HNetModel
 from hnet_serve.normalization import MEAN, fit_norm, resolve_mode
 from hnet_serve.targets import MLPConfig, ResNetConfig, build_target
@@ -88,9 +89,10 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
     """``config.hypernet``, with its chunk size derived from ``config.compression`` for
     ``config.planned_tasks`` (default ``num_tasks``) tasks unless a chunk size was given (or
     the hypernetwork is not a flat chunked one): the stored size stays within that fraction of
-    one ``target`` network (:func:`~hnet_serve.hypernet.derive_hypernet`). An ``adapter_rank``
-    of "auto" becomes a number here: :data:`ADAPTER_SHARE` of the budget when the sizes are
-    derived, else 0."""
+    one ``target`` network (:func:`~hnet_serve.sizing.derive_hypernet`). An ``adapter_rank``
+    of "auto" becomes a number here: with ``adapter_mode`` "replace", the largest rank that
+    leaves the generator room for one task's values at full rank (:func:`_replace_rank`);
+    otherwise :data:`ADAPTER_SHARE` of the budget when the sizes are derived, else 0."""
     hn = config.hypernet
     with torch.device("meta"):  # only the parameter counts: allocate nothing
         net = build_target(target)
@@ -98,26 +100,29 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
     derive = (config.compression is not None and hn.kind == "chunked" and hn.layout == "flat"
               and "chunk_size" not in hn.model_fields_set)
     auto = hn.adapter_rank == "auto"
+    if auto and hn.adapter_mode == "replace":
+        fit = _replace_rank(config, hn, net, tasks) if derive else None
+        if fit is not None:
+            return fit
+        if derive:
+            warnings.warn(f"no private first layer of rank >= {ADAPTER_MIN_RANK} fits "
+                          f"{config.compression}x one target network for {tasks} tasks: "
+                          "training the generated one (adapter_mode 'add')", stacklevel=2)
+        hn = hn.model_copy(update=PLAIN_ADAPTERS)
     per_rank = smallest = 0  # numbers per unit of rank; smallest side of a corrected matrix
     if derive:
-        sites = adapter_sites(list(net.param_shapes.values()), hn.adapter_layers)
-        per_rank = sum(out + fan_in for _, out, fan_in in sites)
-        smallest = min(min(out, fan_in) for _, out, fan_in in sites)
+        per_rank, _, _, smallest = _factor_counts(hn, net)
     if auto:  # sized with the hypernetwork, or none
         rank = min(ADAPTER_MAX_RANK, smallest // 2, math.floor(
             ADAPTER_SHARE * config.compression * net.n_params / (tasks * per_rank))
         ) if derive else 0
         hn = hn.model_copy(update={"adapter_rank": rank if rank >= ADAPTER_MIN_RANK else 0})
+    if hn.adapter_mode == "replace" and not hn.adapter_rank:  # nothing private to replace with
+        hn = hn.model_copy(update=PLAIN_ADAPTERS)
     if not derive:
         return hn
-    norm = net.buffer_shapes.get(MEAN)  # each task stores its mean and std
-    # and its private correction of the first weight tensor
-    per_task = (2 * math.prod(norm) if norm else 0) + hn.adapter_rank * per_rank
     try:
-        derived = derive_hypernet(net.n_params, tasks,
-                                  config.compression, hidden=hn.hidden,
-                                  task_emb_dim=hn.task_emb_dim, chunk_emb_dim=hn.chunk_emb_dim,
-                                  per_task_values=per_task)
+        derived = _derive(config, hn, net, tasks, hn.adapter_rank)
     except InputError as exc:
         if "compression" in config.model_fields_set:
             raise  # asked for: an error, not a larger checkpoint
@@ -128,6 +133,51 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
                       stacklevel=2)
         return hn.model_copy(update={"adapter_rank": 0}) if auto else hn
     return hn.model_copy(update={"chunk_size": derived.chunk_size})
+
+
+# What an adapter_mode "replace" preset falls back to when no private layer fits its budget.
+PLAIN_ADAPTERS = {"adapter_mode": "add", "adapter_basis": "private", "freeze": "never"}
+
+
+def _factor_counts(hn: HypernetConfig, net: Any) -> tuple[int, int, int, int]:
+    """Per unit of rank: the numbers every task stores and the shared ones (a shared ``U``);
+    the values the factors replace (not generated); the smallest side of a factored matrix."""
+    sites = adapter_sites(list(net.param_shapes.values()), hn.adapter_layers)
+    shared = hn.adapter_basis == "shared"
+    per_rank = sum(fan_in + (0 if shared else out) for _, out, fan_in in sites)
+    shared_rank = sum(out for _, out, _ in sites) if shared else 0
+    replaced = sum(out * fan_in for _, out, fan_in in sites) if hn.adapter_mode == "replace" else 0
+    return per_rank, shared_rank, replaced, min(min(out, fan_in) for _, out, fan_in in sites)
+
+
+def _derive(config: TrainConfig, hn: HypernetConfig, net: Any, tasks: int, rank: int
+            ) -> HypernetConfig:
+    """:func:`derive_hypernet` for ``hn`` with factors of ``rank``: each task stores its input
+    statistics and factors, the generator covers what the factors do not replace."""
+    per_rank, shared_rank, replaced, _ = _factor_counts(hn, net)
+    norm = net.buffer_shapes.get(MEAN)  # each task stores its mean and std
+    replaced = replaced if rank else 0
+    return derive_hypernet(net.n_params, tasks, config.compression, hidden=hn.hidden,
+                           task_emb_dim=hn.task_emb_dim, chunk_emb_dim=hn.chunk_emb_dim,
+                           per_task_values=(2 * math.prod(norm) if norm else 0) + rank * per_rank,
+                           generated=net.n_params - replaced, shared_values=rank * shared_rank)
+
+
+def _replace_rank(config: TrainConfig, hn: HypernetConfig, net: Any, tasks: int
+                  ) -> HypernetConfig | None:
+    """adapter_mode "replace", rank "auto": the largest rank (at least
+    :data:`ADAPTER_MIN_RANK`, at most half the matrix's smaller side) whose factors leave the
+    generator enough for one task's values at full rank (chunks <= last hidden width + 1, so
+    the first task is not learned through a compressed generator); None if none fits."""
+    _, _, replaced, smallest = _factor_counts(hn, net)
+    for rank in range(smallest // 2, ADAPTER_MIN_RANK - 1, -1):
+        try:
+            derived = _derive(config, hn, net, tasks, rank)
+        except InputError:
+            continue
+        if math.ceil((net.n_params - replaced) / derived.chunk_size) <= hn.hidden[-1] + 1:
+            return hn.model_copy(update={"adapter_rank": rank, "chunk_size": derived.chunk_size})
+    return None
 
 
 def build_model(config: TrainConfig, tasks: list[TaskData], meta: dict[str, Any] | None = None
@@ -223,6 +273,9 @@ class HNetMethod(ContinualMethod):
         if config.train_old_embeddings and model.hypernet_config.adapter_rank:
             raise ConfigError("train_old_embeddings cannot be combined with adapter_rank: the "
                               "regularizer does not cover old tasks' private corrections")
+        if config.train_old_embeddings and model.hypernet_config.freeze != "never":
+            raise ConfigError("train_old_embeddings cannot be combined with a hypernetwork "
+                              "frozen after its first task: old tasks would move unregularized")
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)  # snapshots and regularizer follow the hypernetwork
         self.config = config
@@ -255,8 +308,16 @@ class HNetMethod(ContinualMethod):
         hn = model.hypernet
         self.row, self.head, self.num_classes = info.index, head, task.num_classes
         self.buffers = model.task_buffers[task.name] or None
-        self.snapshot = make_snapshot(hn, old) if old and cfg.beta > 0 else None
-        params = [*hn.shared_parameters(), hn.task_embs[self.row]]
+        # freeze "after-first-task": the shared weights stay as the first task left them and
+        # only this task's row learns, so no old task can move and no regularizer is needed
+        frozen = bool(old) and hn.config.freeze == "after-first-task"
+        for p in hn.shared_parameters():
+            p.requires_grad_(not frozen)  # (no gradients computed for them: end_task restores)
+        if frozen and start is None:  # start from what the generator learned: the first
+            with torch.no_grad():  # task's embedding, with fresh private factors
+                hn.task_embs[self.row][: hn.code_dim] = hn.task_embs[old[0]][: hn.code_dim]
+        self.snapshot = make_snapshot(hn, old) if old and cfg.beta > 0 and not frozen else None
+        params = [*([] if frozen else hn.shared_parameters()), hn.task_embs[self.row]]
         if cfg.train_old_embeddings:
             params += [hn.task_embs[j] for j in old]
         self.optimizer = make_adam(params, cfg.lr)
@@ -312,6 +373,8 @@ class HNetMethod(ContinualMethod):
         return StepStats(loss.item(), reg_value)
 
     def end_task(self, index: int, task: TaskData) -> None:
+        for p in self.model.hypernet.shared_parameters():
+            p.requires_grad_(True)
         self.snapshot = None
         self.optimizer = None
 
