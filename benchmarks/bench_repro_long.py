@@ -32,6 +32,7 @@ from hnet_serve.training.config import REG_PAIRS_TASKS, TrainConfig, build_confi
 from hnet_serve.training.data import TaskData, build_benchmark
 from hnet_serve.training.evaluate import accuracy, plot_accuracy_matrix
 from hnet_serve.training.loop import TrainResult, run_tasks
+from hnet_serve.training.methods.hnet import PLAIN_ADAPTERS
 from hnet_serve.training.methods.registry import make_method
 
 IMG = ROOT / "docs" / "img"
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="5 tasks, 30 steps (smoke run)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--regularized", action="store_true",
+                    help="with --compression: the regularized generator (adapter_mode add), "
+                    "not the preset's own first layers and generator frozen after task 1")
     args = ap.parse_args(argv)
     if args.quick:
         args.tasks, args.iterations = 5, 30
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
                 "target": {"hidden": args.target_hidden}}
     if args.compression is not None:  # sized exactly as `hnet-serve train` sizes it
         cfg = build_config(**settings, compression=args.compression,
-                           hypernet={"hidden": args.hnet_hidden})
+                           hypernet={"hidden": args.hnet_hidden,
+                                     **(PLAIN_ADAPTERS if args.regularized else {})})
     else:
         cfg = build_config(**settings, hypernet=hnet_spec)
     references = independent_references(full, cfg, args.independent_every)

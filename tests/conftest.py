@@ -62,6 +62,20 @@ def tiny_adapter_model(n_tasks: int = 3, *, seed: int = 0, kind: str = "chunked"
     return model
 
 
+def tiny_trunk_model(n_tasks: int = 3, *, basis: str = "shared", mode: str = "replace",
+                     rank: int = 2, seed: int = 0) -> HNetModel:
+    """The tiny MLP (12 -> 16 -> 8 -> 3) whose first layer is each task's own rank-``rank``
+    ``U V`` (``mode`` replace: not generated), over a ``basis`` shared or private ``U``."""
+    cfg = HypernetConfig(kind="chunked", hidden=[10, 10], task_emb_dim=6, chunk_emb_dim=4,
+                         chunk_size=30, adapter_rank=rank, adapter_mode=mode,
+                         adapter_basis=basis, freeze="after-first-task")
+    model = HNetModel(MLPConfig(input_shape=(12,), hidden=[16, 8], num_classes=3), cfg,
+                      seed=seed)
+    for i in range(n_tasks):
+        model.add_task(f"t{i}")
+    return model
+
+
 def tiny_columns_model(n_tasks: int = 3, *, seed: int = 0) -> HNetModel:
     """The tiny MLP with a column-chunked hypernetwork and per-task chunk codes."""
     return tiny_mlp_model(n_tasks, layout="columns", task_chunk_emb_dim=2, seed=seed)

@@ -16,7 +16,12 @@ from hnet_serve.storage import stored_params
 from hnet_serve.targets import MLPConfig
 from hnet_serve.training.regularizer import make_snapshot, output_regularizer
 from hnet_serve.training.methods.hnet import PLAIN_ADAPTERS
-from tests.conftest import tiny_adapter_model, tiny_mlp_model, tiny_resnet_model
+from tests.conftest import (
+    tiny_adapter_model,
+    tiny_mlp_model,
+    tiny_resnet_model,
+    tiny_trunk_model,
+)
 
 
 def test_site_is_the_first_weight_tensor():
@@ -85,7 +90,7 @@ def test_the_correction_is_u_v_on_the_first_layers_of_its_own_task_only(layers):
 @pytest.mark.parametrize("method", ["gram", "explicit"])
 @pytest.mark.parametrize("mode", ["add", "replace"])
 def test_regularizer_is_exact_and_zero_at_the_snapshot(method, mode):
-    model = tiny_adapter_model(4) if mode == "add" else trunk_model(4, basis="private")
+    model = tiny_adapter_model(4) if mode == "add" else tiny_trunk_model(4, basis="private")
     hn = model.hypernet
     frozen = copy.deepcopy(hn)
     old = [0, 1, 2]
@@ -206,23 +211,9 @@ def test_auto_rank_takes_its_share_of_the_budget():
         HyperNetwork(HypernetConfig(adapter_rank="auto"), 100, [(10, 10)])
 
 
-def trunk_model(n_tasks: int = 3, *, basis: str = "shared", mode: str = "replace",
-                rank: int = 2, seed: int = 0) -> HNetModel:
-    """The tiny MLP (12 -> 16 -> 8 -> 3) whose first layer is each task's own rank-``rank``
-    ``U V`` (``mode`` replace: not generated), over a ``basis`` shared or private ``U``."""
-    cfg = HypernetConfig(kind="chunked", hidden=[10, 10], task_emb_dim=6, chunk_emb_dim=4,
-                         chunk_size=30, adapter_rank=rank, adapter_mode=mode,
-                         adapter_basis=basis, freeze="after-first-task")
-    model = HNetModel(MLPConfig(input_shape=(12,), hidden=[16, 8], num_classes=3), cfg,
-                      seed=seed)
-    for i in range(n_tasks):
-        model.add_task(f"t{i}")
-    return model
-
-
 @pytest.mark.parametrize("basis", ["shared", "private"])
 def test_replace_mode_the_first_layer_is_u_v_and_the_generator_covers_the_rest(basis):
-    model = trunk_model(3, basis=basis)
+    model = tiny_trunk_model(3, basis=basis)
     hn = model.hypernet
     n, first = hn.n_params, 16 * 12
     assert hn.n_generated == n - first and hn.num_chunks == -(-(n - first) // 30)
@@ -249,7 +240,7 @@ def test_replace_mode_the_first_layer_is_u_v_and_the_generator_covers_the_rest(b
 
 
 def test_add_mode_with_a_shared_basis_starts_from_the_generated_weights():
-    model = trunk_model(2, mode="add")
+    model = tiny_trunk_model(2, mode="add")
     hn = model.hypernet
     assert hn.n_generated == hn.n_params
     with torch.no_grad():
@@ -271,7 +262,7 @@ def test_factor_options_are_validated():
 def test_a_checkpoint_with_a_shared_basis_round_trips(tmp_path):
     from hnet_serve.checkpoint import load_checkpoint, save_checkpoint
 
-    model = trunk_model(3)
+    model = tiny_trunk_model(3)
     with torch.no_grad():
         model.hypernet.adapter_u[0].mul_(1.5)  # as after training: not its initial value
     save_checkpoint(model, tmp_path / "ckpt")

@@ -40,6 +40,7 @@ from tests.conftest import (
     tiny_adapter_model,
     tiny_mlp_model,
     tiny_resnet_model,
+    tiny_trunk_model,
 )
 
 TOL = 1e-4
@@ -62,6 +63,7 @@ MODELS = {
     "mlp": lambda: tiny_mlp_model(4),
     "mlp-adapters": lambda: tiny_adapter_model(3),
     "mlp-adapters-2-layers": lambda: tiny_adapter_model(3, layers=2),
+    "mlp-own-first-layers": lambda: tiny_trunk_model(3),
     "mlp-per-feature": lambda: normed_mlp_model("per-feature"),
     "mlp-image-per-channel": lambda: normed_mlp_model("per-channel", input_shape=(2, 3)),
     "mlp-global": lambda: normed_mlp_model("global", input_shape=(2, 3)),

@@ -16,7 +16,12 @@ from hnet_serve.serving.config import ServingConfig, parse_bytes
 from hnet_serve.serving.runtime import Runtime
 from hnet_serve.targets import MLPConfig
 from hnet_serve.task_inference import infer_tasks, select_by_entropy, softmax
-from tests.conftest import tiny_adapter_model, tiny_mlp_model, tiny_resnet_model
+from tests.conftest import (
+    tiny_adapter_model,
+    tiny_mlp_model,
+    tiny_resnet_model,
+    tiny_trunk_model,
+)
 
 # -- a model whose tasks are separable by construction ---------------------------------------
 SEP_TASKS = 3
@@ -80,7 +85,8 @@ def reference_probs(model: HNetModel, task: str, x: np.ndarray) -> np.ndarray:
 
 
 # -- routing ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("factory", [tiny_mlp_model, tiny_resnet_model, tiny_adapter_model])
+@pytest.mark.parametrize("factory", [tiny_mlp_model, tiny_resnet_model, tiny_adapter_model,
+                                     tiny_trunk_model])
 def test_predict_matches_the_model(factory):
     model = factory()
     rt = Runtime(model)
