@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         ["task 1 change (points)", drift_task1],
         ["target weights", f"{model.target.n_params:,}"],
         ["hypernetwork weights (shared)", f"{hn.n_shared:,}"],
-        ["task embeddings", f"{n} x {hc.task_emb_dim}"],
+        ["task embeddings", f"{n} x {hc.task_emb_dim}"
+         + (f" (+ {hn.adapter_dim:,} numbers of each task's own first layer)"
+            if hn.adapter_dim else "")],
         ["compression ratio (shared / target)", hn.compression_ratio()],
         ["compression ratio counting the task embeddings too",
          (hn.n_shared + n * hc.task_emb_dim) / model.target.n_params],
@@ -182,11 +184,14 @@ def main(argv: list[str] | None = None) -> None:
         f"embeddings {hc.task_emb_dim}/{hc.chunk_emb_dim} "
         f"({hn.n_shared:,} weights: compression ratio {hn.compression_ratio():.3f}). "
         f"{cfg.iterations} iterations per task, batch {cfg.batch_size}, Adam lr {cfg.lr}, "
-        f"beta {cfg.beta}{', lookahead' if cfg.lookahead else ''}, the regularizer on "
-        + ("all previous tasks every step" if cfg.reg_tasks in (None, "all") else
-           f"a random {cfg.reg_tasks} previous tasks every step")
-        + ("" if cfg.reg_pairs == "all" else
-           f", {pairs} (task, chunk) pairs of them per step (random chunks)")
+        + (f"each task's own rank-{hc.adapter_rank} first layer over a shared basis and the "
+           "generator frozen after task 1 (the preset's default): no regularizer"
+           if hc.freeze == "after-first-task" else
+           f"beta {cfg.beta}{', lookahead' if cfg.lookahead else ''}, the regularizer on "
+           + ("all previous tasks every step" if cfg.reg_tasks in (None, "all") else
+              f"a random {cfg.reg_tasks} previous tasks every step")
+           + ("" if cfg.reg_pairs == "all" else
+              f", {pairs} (task, chunk) pairs of them per step (random chunks)"))
         + f". Seed {args.seed}. "
         f"Machine: {machine()}, denormals "
         f"{'kept' if args.keep_denormals else 'flushed to zero'}."
