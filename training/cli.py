@@ -381,9 +381,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--task-emb-dim", type=int)
     g.add_argument("--chunk-emb-dim", type=int)
     g.add_argument("--adapter-rank", type=_adapter_rank, metavar="R|auto",
-                   help="rank of each task's private low-rank correction of the target's first "
-                        "layer, stored with its embedding and counted in --compression (0: "
-                        "none; default auto: sized from the --compression budget)")
+                   help="rank of each task's private low-rank first layer (permuted-mnist) or "
+                        "correction of it (other presets), stored with its embedding, counted in "
+                        "--compression (0: none; default auto: sized from the budget)")
     g.add_argument("--compression", type=float, metavar="R",
                    help="stored size (every weight the checkpoint keeps) as a fraction of one "
                         "target network for the planned tasks, at most 1.0 (default 1.0); "
