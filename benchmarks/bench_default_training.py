@@ -97,15 +97,16 @@ def main(argv: list[str] | None = None) -> None:
 
     steps = {}
     settings = {  # name -> (row label, TrainConfig overrides)
-        "auto": (f"default (`--reg-pairs auto`): every old task, {REG_PAIRS_TASKS} tasks' worth "
-                 "of (task, chunk) pairs", {}),
+        "auto": ((f"default (`--reg-pairs auto`): every old task, {REG_PAIRS_TASKS} tasks' "
+                  "worth of (task, chunk) pairs"), {}),
         "all": ("`--reg-pairs all`: every (task, chunk) pair", {"reg_pairs": "all"}),
         "tasks": (f"`--reg-tasks {SUBSET}`: a random {SUBSET} old tasks per step, all their chunks",
                   {"reg_tasks": SUBSET, "reg_pairs": "all"}),
     }
     chunks = stepper(1, planned_tasks=long_tasks)[1].snapshot.num_chunks
-    settings["small"] = (f"`--reg-pairs {SMALL * chunks}`: every old task, {SMALL} tasks' worth "
-                         "of pairs (the Gram form's fixed cost)", {"reg_pairs": SMALL * chunks})
+    settings["small"] = ((f"`--reg-pairs {SMALL * chunks}`: every old task, {SMALL} tasks' "
+                          "worth of pairs (the Gram form's fixed cost)"),
+                         {"reg_pairs": SMALL * chunks})
     for name, (_, over) in settings.items():
         steps[f"first-{name}"] = stepper(1, planned_tasks=long_tasks, **over)[0]
         steps[f"last-{name}"], m = stepper(long_tasks - 1, planned_tasks=long_tasks, **over)

@@ -14,8 +14,8 @@ from hnet_serve.hypernet import HypernetConfig, HyperNetwork, adapter_site, adap
 from hnet_serve.model import HNetModel
 from hnet_serve.storage import stored_params
 from hnet_serve.targets import MLPConfig
-from hnet_serve.training.regularizer import make_snapshot, output_regularizer
 from hnet_serve.training.methods.hnet import PLAIN_ADAPTERS
+from hnet_serve.training.regularizer import make_snapshot, output_regularizer
 from tests.conftest import (
     tiny_adapter_model,
     tiny_mlp_model,
@@ -310,8 +310,8 @@ def test_frozen_after_the_first_task_later_tasks_move_nothing_else():
 def test_replace_auto_rank_leaves_the_generator_one_task_at_full_rank():
     import warnings
 
-    from hnet_serve.training.config import build_config
     from hnet_serve.targets import build_target
+    from hnet_serve.training.config import build_config
     from hnet_serve.training.methods.hnet import ADAPTER_MIN_RANK, _derive, hypernet_config_for
 
     trunk = {"adapter_rank": "auto", "adapter_mode": "replace", "adapter_basis": "shared",

@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from hnet_serve.devices import resolve_device
 from hnet_serve.errors import ConfigError, InputError
 from hnet_serve.hypernet import HypernetConfig, adapter_sites
-from hnet_serve.sizing import derive_hypernet
 from hnet_serve.model import HNetModel
 from hnet_serve.normalization import MEAN, fit_norm, resolve_mode
+from hnet_serve.sizing import derive_hypernet
 from hnet_serve.targets import MLPConfig, ResNetConfig, build_target
 from hnet_serve.training.config import REG_PAIRS_TASKS, TrainConfig
 from hnet_serve.training.data import TaskData, input_stats
