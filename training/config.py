@@ -152,7 +152,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (docs/reproduction.md, "Capacity", point 12). At 1.00x on Permuted Fashion-MNIST-10,
     # seeds 0-2, 1,000 steps, against independent networks of the same target: MLP 300-300
     # (r = 28) 85.94 vs 86.62 % (2,000 steps, seed 0: 87.22 vs 87.77 %), MLP 100-100 (r = 9)
-    # 84.28 vs 86.07 %, MLP 1000-1000 (r = 88) 86.7 vs 86.75 %. When no rank >= 8 fits the
+    # 84.28 vs 86.07 %, MLP 1000-1000 (r = 88) 86.83 vs 86.75 %. When no rank >= 8 fits the
     # budget (e.g. 100 planned tasks) it falls back to the regularized generator.
     "permuted-mnist": {
         "iterations": 2000,
