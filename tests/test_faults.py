@@ -91,6 +91,9 @@ def assert_serves_identically(path: Path, before: tuple[dict[str, np.ndarray], l
 # renamed into place).
 CLI_WITH_KILL_POINTS = """
 import functools, os, signal, sys
+# A shell that starts the suite in the background makes its children ignore SIGINT, and a
+# Python started with SIGINT ignored keeps ignoring it: restore Ctrl-C's KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import hnet_serve.serving.backends as backends
 import hnet_serve.checkpoint as ckpt
 import hnet_serve.serving.runtime as runtime
