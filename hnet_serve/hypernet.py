@@ -42,7 +42,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -138,6 +138,28 @@ def adapter_sites(param_shapes: Sequence[Sequence[int]], layers: int = 1
     return sites
 
 
+class FactorCounts(NamedTuple):
+    """What a task's private factors (``adapter_rank``) cost and cover, per unit of rank."""
+
+    per_task: int  # numbers in every task's row (``V``, and ``U`` unless shared)
+    shared: int  # numbers of the shared ``U`` (adapter_basis "shared")
+    replaced: int  # target values the factors replace: not generated (adapter_mode "replace")
+    smallest: int  # the smallest side of a factored matrix
+
+
+def factor_counts(config: HypernetConfig, param_shapes: Sequence[Sequence[int]]
+                  ) -> FactorCounts:
+    """:class:`FactorCounts` of ``config``'s factors for a target of ``param_shapes``."""
+    sites = adapter_sites(param_shapes, config.adapter_layers)
+    shared = config.adapter_basis == "shared"
+    return FactorCounts(
+        per_task=sum(fan_in + (0 if shared else out) for _, out, fan_in in sites),
+        shared=sum(out for _, out, _ in sites) if shared else 0,
+        replaced=(sum(out * fan_in for _, out, fan_in in sites)
+                  if config.adapter_mode == "replace" else 0),
+        smallest=min(min(out, fan_in) for _, out, fan_in in sites))
+
+
 def adapter_site(param_shapes: Sequence[Sequence[int]]) -> tuple[int, int, int]:
     """``(offset, out, fan_in)`` of the first weight tensor (see :func:`adapter_sites`)."""
     return adapter_sites(param_shapes)[0]
@@ -155,6 +177,8 @@ class HyperNetwork(nn.Module):
         self.n_params = n_params
         # (offset, out, fan_in) of the tensor each task corrects privately (adapter_rank > 0)
         self._adapters: list[tuple[int, int, int]] = []
+        # per unit of rank: row numbers, shared numbers, replaced values (none without factors)
+        self._factors = FactorCounts(0, 0, 0, 0)
         if config.adapter_rank == "auto":
             raise InputError("adapter_rank 'auto' is sized from a stored-size budget when "
                              "training builds the model; give a number here")
@@ -162,9 +186,9 @@ class HyperNetwork(nn.Module):
             if param_shapes is None:
                 raise InputError("adapter_rank needs the target's param_shapes")
             self._adapters = adapter_sites(param_shapes, config.adapter_layers)
+            self._factors = factor_counts(config, param_shapes)
         # What the generator's chunks cover: every target value but the replaced tensors.
-        self.n_generated = n_params - (sum(out * fan_in for _, out, fan_in in self._adapters)
-                                       if config.adapter_mode == "replace" else 0)
+        self.n_generated = n_params - self._factors.replaced
         if self.n_generated <= 0:
             raise InputError("adapter_mode='replace' leaves the hypernetwork nothing to generate")
         # column layout: (first chunk, columns, shape, scale) per target tensor
@@ -271,9 +295,7 @@ class HyperNetwork(nn.Module):
     def adapter_dim(self) -> int:
         """Numbers of one task's private factors ``U (out, r)`` (unless shared) and
         ``V (r, fan_in)`` (or 0)."""
-        shared = self.adapter_u is not None
-        return sum(self.config.adapter_rank * (fan_in + (0 if shared else out))
-                   for _, out, fan_in in self._adapters)
+        return self.config.adapter_rank * self._factors.per_task if self._adapters else 0
 
     @property
     def emb_dim(self) -> int:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from hnet_serve.devices import resolve_device
 from hnet_serve.errors import ConfigError, InputError
-from hnet_serve.hypernet import HypernetConfig, adapter_sites
+from hnet_serve.hypernet import HypernetConfig, factor_counts
 from hnet_serve.model import HNetModel
 from hnet_serve.normalization import MEAN, fit_norm, resolve_mode
 from hnet_serve.sizing import derive_hypernet
@@ -111,7 +111,8 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
         hn = hn.model_copy(update=PLAIN_ADAPTERS)
     per_rank = smallest = 0  # numbers per unit of rank; smallest side of a corrected matrix
     if derive:
-        per_rank, _, _, smallest = _factor_counts(hn, net)
+        counts = factor_counts(hn, list(net.param_shapes.values()))
+        per_rank, smallest = counts.per_task, counts.smallest
     if auto:  # sized with the hypernetwork, or none
         rank = min(ADAPTER_MAX_RANK, smallest // 2, math.floor(
             ADAPTER_SHARE * config.compression * net.n_params / (tasks * per_rank))
@@ -139,28 +140,18 @@ def hypernet_config_for(config: TrainConfig, target: MLPConfig | ResNetConfig,
 PLAIN_ADAPTERS = {"adapter_mode": "add", "adapter_basis": "private", "freeze": "never"}
 
 
-def _factor_counts(hn: HypernetConfig, net: Any) -> tuple[int, int, int, int]:
-    """Per unit of rank: the numbers every task stores and the shared ones (a shared ``U``);
-    the values the factors replace (not generated); the smallest side of a factored matrix."""
-    sites = adapter_sites(list(net.param_shapes.values()), hn.adapter_layers)
-    shared = hn.adapter_basis == "shared"
-    per_rank = sum(fan_in + (0 if shared else out) for _, out, fan_in in sites)
-    shared_rank = sum(out for _, out, _ in sites) if shared else 0
-    replaced = sum(out * fan_in for _, out, fan_in in sites) if hn.adapter_mode == "replace" else 0
-    return per_rank, shared_rank, replaced, min(min(out, fan_in) for _, out, fan_in in sites)
-
-
 def _derive(config: TrainConfig, hn: HypernetConfig, net: Any, tasks: int, rank: int
             ) -> HypernetConfig:
     """:func:`derive_hypernet` for ``hn`` with factors of ``rank``: each task stores its input
     statistics and factors, the generator covers what the factors do not replace."""
-    per_rank, shared_rank, replaced, _ = _factor_counts(hn, net)
+    counts = factor_counts(hn, list(net.param_shapes.values()))
     norm = net.buffer_shapes.get(MEAN)  # each task stores its mean and std
-    replaced = replaced if rank else 0
     return derive_hypernet(net.n_params, tasks, config.compression, hidden=hn.hidden,
                            task_emb_dim=hn.task_emb_dim, chunk_emb_dim=hn.chunk_emb_dim,
-                           per_task_values=(2 * math.prod(norm) if norm else 0) + rank * per_rank,
-                           generated=net.n_params - replaced, shared_values=rank * shared_rank)
+                           per_task_values=(2 * math.prod(norm) if norm else 0)
+                           + rank * counts.per_task,
+                           generated=net.n_params - (counts.replaced if rank else 0),
+                           shared_values=rank * counts.shared)
 
 
 def _replace_rank(config: TrainConfig, hn: HypernetConfig, net: Any, tasks: int
@@ -169,13 +160,13 @@ def _replace_rank(config: TrainConfig, hn: HypernetConfig, net: Any, tasks: int
     :data:`ADAPTER_MIN_RANK`, at most half the matrix's smaller side) whose factors leave the
     generator enough for one task's values at full rank (chunks <= last hidden width + 1, so
     the first task is not learned through a compressed generator); None if none fits."""
-    _, _, replaced, smallest = _factor_counts(hn, net)
-    for rank in range(smallest // 2, ADAPTER_MIN_RANK - 1, -1):
+    counts = factor_counts(hn, list(net.param_shapes.values()))
+    for rank in range(counts.smallest // 2, ADAPTER_MIN_RANK - 1, -1):
         try:
             derived = _derive(config, hn, net, tasks, rank)
         except InputError:
             continue
-        if math.ceil((net.n_params - replaced) / derived.chunk_size) <= hn.hidden[-1] + 1:
+        if math.ceil((net.n_params - counts.replaced) / derived.chunk_size) <= hn.hidden[-1] + 1:
             return hn.model_copy(update={"adapter_rank": rank, "chunk_size": derived.chunk_size})
     return None
 
